@@ -1,0 +1,51 @@
+"""Pluggable rotators: the built-in ones and those installed under an entry point group.
+
+A package adds a kind of credential by declaring, in its packaging metadata:
+
+    [project.entry-points."secret_rotation.rotators"]
+    mykind = "mypackage.rotator:MyRotator"
+
+The entry point's name is the value of the secret's `rotation-rotator` tag.
+"""
+
+from collections.abc import Callable
+from importlib.metadata import entry_points
+
+from rotators.base import NewCredential, RotationContext, Rotator
+from shared.errors import ConfigError
+
+ENTRY_POINT_GROUP = "secret_rotation.rotators"
+
+__all__ = ["ENTRY_POINT_GROUP", "NewCredential", "RotationContext", "Rotator", "RotatorRegistry"]
+
+
+def _postgres() -> Rotator:
+    from rotators.postgres import PostgresRotator  # noqa: PLC0415 - psycopg loads only when used
+
+    return PostgresRotator()
+
+
+BUILT_IN: dict[str, Callable[[], Rotator]] = {"postgres": _postgres}
+
+
+class RotatorRegistry:
+    """Finds a rotator by name: built-ins first, then installed entry points."""
+
+    def __init__(self, factories: dict[str, Callable[[], Rotator]] | None = None) -> None:
+        self._factories = dict(BUILT_IN if factories is None else factories)
+        self._instances: dict[str, Rotator] = {}
+
+    def names(self) -> list[str]:
+        discovered = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+        return sorted(set(self._factories) | discovered)
+
+    def get(self, name: str) -> Rotator:
+        if name not in self._instances:
+            factory = self._factories.get(name)
+            if factory is None:
+                matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+                if not matches:
+                    raise ConfigError(f"no rotator named {name!r}; installed: {', '.join(self.names())}")
+                factory = matches[0].load()
+            self._instances[name] = factory()
+        return self._instances[name]

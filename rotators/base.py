@@ -1,0 +1,58 @@
+"""The contract every rotator implements.
+
+A rotator knows one kind of credential. It works on named slots (two login
+roles, key1/key2, two API keys): the engine always asks it to create on the
+slot consumers are NOT using, so a rotation never breaks a live credential.
+"""
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from azure.core.credentials import TokenCredential
+from azure.keyvault.secrets import SecretClient
+
+from shared.config import RotationConfig
+from shared.settings import Settings
+
+
+@dataclass(frozen=True)
+class RotationContext:
+    """What a rotator may use: the secret's validated config and the app's clients."""
+
+    config: RotationConfig
+    secrets: SecretClient
+    credential: TokenCredential
+    settings: Settings
+
+
+@dataclass(frozen=True)
+class NewCredential:
+    """A credential just created upstream.
+
+    `value` is the secret to store in Key Vault; `credential_id` is a
+    non-secret identifier (role name, key name, key id) safe for the ledger.
+    """
+
+    value: str
+    credential_id: str
+
+    def __repr__(self) -> str:
+        return f"NewCredential(credential_id={self.credential_id!r}, value=<redacted>)"
+
+
+class Rotator(Protocol):
+    """A kind of credential. Each operation must be safe to run twice."""
+
+    name: str
+
+    def validate(self, context: RotationContext) -> None:
+        """Raise ConfigError when the secret's tags don't suit this rotator."""
+
+    def create(self, context: RotationContext, slot: str) -> NewCredential:
+        """Give `slot` a new credential upstream and return it."""
+
+    def verify(self, context: RotationContext, value: str) -> None:
+        """Authenticate upstream with `value`; raise VerificationFailed if it does not work."""
+
+    def retire(self, context: RotationContext, slot: str) -> None:
+        """Make the credential on `slot` unusable (its value is then worthless)."""

@@ -1,0 +1,217 @@
+"""PostgreSQL: two login roles per secret, alternated on each rotation.
+
+The slots are two login roles (say `app_blue`, `app_green`) that are both
+members of one group role (`rotation-pg-group`). All grants go to the group,
+so the two never drift apart, and each login role runs `SET ROLE group` at
+login, so objects either one creates are owned by the group and stay usable
+by the other. A rotation gives the inactive role a new password; retiring a
+role sets its password to an unknown random value and ends its sessions.
+
+Passwords never travel in SQL: libpq hashes them into a SCRAM verifier on
+this side, and `ALTER ROLE ... PASSWORD` (which takes no bind parameters)
+is composed with `psycopg.sql` from that verifier.
+
+Tags read here: `rotation-target` (`host:port/dbname`), `rotation-slots`,
+`rotation-pg-group`, and either `rotation-admin-secret` (a Key Vault secret
+holding `{"username": ..., "password": ...}` of an admin with CREATEROLE) or
+`rotation-admin-user` (an Entra ID principal; the app's managed identity
+signs in with a token, as Azure Database for PostgreSQL supports).
+"""
+
+import json
+import logging
+import re
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+from rotators.base import NewCredential, RotationContext
+from shared.errors import ConfigError, UnsafeOperation, UpstreamError, VerificationFailed
+
+logger = logging.getLogger(__name__)
+
+TAG_GROUP = "rotation-pg-group"
+TAG_ADMIN_USER = "rotation-admin-user"
+ENTRA_SCOPE = "https://ossrdbms-aad.database.windows.net/.default"
+_ROLE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_PRIVILEGED = "rolsuper OR rolcreaterole OR rolcreatedb OR rolreplication OR rolbypassrls"
+
+
+def _describe(error: psycopg.Error) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{error.sqlstate or type(error).__name__}: {first_line[:200]}"
+
+
+class PostgresRotator:
+    name = "postgres"
+
+    def validate(self, context: RotationContext) -> None:
+        config = context.config
+        if not config.target.database:
+            raise ConfigError("rotation-target must name a database: host:port/dbname")
+        group = config.tags.get(TAG_GROUP, "").strip()
+        for role in (*config.slots, group):
+            if not _ROLE.match(role):
+                raise ConfigError(
+                    f"invalid PostgreSQL role name {role[:64]!r} in tags: lower-case letters, digits, '_'"
+                )
+        if group.startswith("pg_") or group in config.slots:
+            raise ConfigError(f"{TAG_GROUP} must be a group role of its own, not a built-in or a slot")
+        if not config.admin_secret and not config.tags.get(TAG_ADMIN_USER, "").strip():
+            raise ConfigError("set rotation-admin-secret or rotation-admin-user to reach PostgreSQL")
+
+    def create(self, context: RotationContext, slot: str) -> NewCredential:
+        self.validate(context)
+        password = secrets.token_urlsafe(32)
+        with self._admin(context) as conn:
+            self._ensure_slot_role(conn, context, slot)
+            self._set_password(conn, slot, password)
+        target = context.config.target
+        value = json.dumps(
+            {
+                "engine": "postgres",
+                "host": target.host,
+                "port": target.port,
+                "dbname": target.database,
+                "username": slot,
+                "password": password,
+            }
+        )
+        return NewCredential(value=value, credential_id=slot)
+
+    def verify(self, context: RotationContext, value: str) -> None:
+        try:
+            credential = json.loads(value)
+            username, password = credential["username"], credential["password"]
+        except (ValueError, KeyError, TypeError):
+            raise VerificationFailed("the credential is not the JSON this rotator writes") from None
+        self._login_as(context, username, password)
+
+    def retire(self, context: RotationContext, slot: str) -> None:
+        self.validate(context)
+        with self._admin(context) as conn:
+            if self._role(conn, slot) is None:
+                logger.info("role %s does not exist: nothing to retire", slot)
+                return
+            self._ensure_slot_role(conn, context, slot)
+            self._set_password(conn, slot, secrets.token_urlsafe(48))
+            try:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE usename = %s AND pid <> pg_backend_pid()",
+                    (slot,),
+                )
+            except psycopg.errors.InsufficientPrivilege:
+                logger.warning("cannot end the open sessions of retired role %s: no privilege", slot)
+
+    @retry(
+        retry=retry_if_exception_type(VerificationFailed),
+        stop=stop_after_attempt(3),
+        wait=wait_random_exponential(multiplier=0.2, max=2),
+        reraise=True,
+    )
+    def _login_as(self, context: RotationContext, username: str, password: str) -> None:
+        try:
+            with self._connect(context, username, password) as conn:
+                row = conn.execute("SELECT session_user").fetchone()
+        except psycopg.Error as error:
+            raise VerificationFailed(f"login as {username} failed: {_describe(error)}") from None
+        if not row or row[0] != username:
+            raise VerificationFailed(f"login as {username} reached the wrong role")
+
+    def _connect(self, context: RotationContext, user: str, password: str) -> psycopg.Connection[Any]:
+        target = context.config.target
+        return psycopg.connect(
+            host=target.host,
+            port=target.port,
+            dbname=target.database,
+            user=user,
+            password=password,
+            sslmode=context.settings.postgres_sslmode,
+            connect_timeout=10,
+            application_name="secret-rotation",
+            autocommit=True,
+        )
+
+    @contextmanager
+    def _admin(self, context: RotationContext) -> Iterator[psycopg.Connection[Any]]:
+        config = context.config
+        if config.admin_secret:
+            try:
+                admin = json.loads(context.secrets.get_secret(config.admin_secret).value or "")
+                user, password = admin["username"], admin["password"]
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(
+                    f"admin secret {config.admin_secret} must hold JSON with username and password"
+                ) from None
+        else:
+            user = config.tags[TAG_ADMIN_USER].strip()
+            password = context.credential.get_token(ENTRA_SCOPE).token
+        try:
+            conn = self._connect(context, user, password)
+        except psycopg.Error as error:
+            raise UpstreamError(
+                f"cannot reach PostgreSQL {config.target} as admin: {_describe(error)}"
+            ) from None
+        try:
+            yield conn
+        except psycopg.Error as error:
+            raise UpstreamError(f"PostgreSQL {config.target}: {_describe(error)}") from None
+        finally:
+            conn.close()
+
+    def _role(self, conn: psycopg.Connection[Any], role: str) -> tuple[Any, ...] | None:
+        return conn.execute(
+            f"SELECT rolcanlogin, ({_PRIVILEGED}) FROM pg_roles WHERE rolname = %s",  # noqa: S608 - constant
+            (role,),
+        ).fetchone()
+
+    def _ensure_slot_role(self, conn: psycopg.Connection[Any], context: RotationContext, slot: str) -> None:
+        """Refuse to touch any role but an unprivileged member of the group; create it if missing."""
+        group = context.config.tags[TAG_GROUP].strip()
+        group_row = self._role(conn, group)
+        if group_row is None:
+            raise ConfigError(
+                f"group role {group} does not exist: create it and grant it the app's privileges"
+            )
+        if group_row[0] or group_row[1]:
+            raise UnsafeOperation(f"group role {group} can log in or is privileged: refusing to use it")
+        admin_user = conn.execute("SELECT current_user").fetchone()
+        if admin_user and admin_user[0] == slot:
+            raise UnsafeOperation(f"slot {slot} is the admin role itself: refusing to rotate it")
+        row = self._role(conn, slot)
+        if row is None:
+            conn.execute(
+                sql.SQL("CREATE ROLE {} WITH LOGIN INHERIT IN ROLE {}").format(
+                    sql.Identifier(slot), sql.Identifier(group)
+                )
+            )
+            conn.execute(
+                sql.SQL("ALTER ROLE {} SET role = {}").format(sql.Identifier(slot), sql.Literal(group))
+            )
+            logger.info("created login role %s in group %s", slot, group)
+            return
+        if row[1]:
+            raise UnsafeOperation(
+                f"role {slot} is privileged (superuser, createrole, ...): refusing to rotate it"
+            )
+        member = conn.execute(
+            "SELECT 1 FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid "
+            "JOIN pg_roles r ON r.oid = m.member WHERE g.rolname = %s AND r.rolname = %s",
+            (group, slot),
+        ).fetchone()
+        if member is None:
+            raise UnsafeOperation(f"role {slot} is not a member of group {group}: refusing to rotate it")
+
+    def _set_password(self, conn: psycopg.Connection[Any], role: str, password: str) -> None:
+        verifier = conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256")
+        conn.execute(
+            sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(verifier.decode())
+            )
+        )

@@ -1,0 +1,1 @@
+"""Rotation engine, ledger, configuration and event parsing shared by every trigger."""

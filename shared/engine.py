@@ -1,0 +1,605 @@
+"""The rotation engine: every trigger ends here.
+
+A rotation is a sequence of named steps, each safe to run twice and
+resumable from the ledger:
+
+    claim -> create -> verify -> write -> validate -> finish   ...   retire
+
+`claim` takes the secret's ledger row with an ETag-conditional write, so a
+second trigger for the same secret gets "in progress". `create` works on the
+slot consumers are not using, `write` stores the verified credential as the
+newest Key Vault version (tagged with the rotation id, which is how a resumed
+rotation knows the write already happened), `validate` runs the consumer
+probes and rolls back on failure, and `finish` schedules the retirement of
+the previous slot after the overlap. Emergency rotations retire at once.
+
+Invariant, at every instant: the newest enabled Key Vault version holds a
+credential that authenticates upstream.
+"""
+
+import logging
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from azure.core.credentials import TokenCredential
+from azure.core.exceptions import ResourceNotFoundError
+from azure.keyvault.secrets import KeyVaultSecret, SecretClient
+
+from rotators import RotationContext, Rotator, RotatorRegistry
+from shared.config import (
+    TAG_ROTATION_ID,
+    RotationConfig,
+    is_managed,
+    parse_config,
+    validate_secret_name,
+)
+from shared.errors import ConfigError, NotManaged, RotationError, UnsafeOperation
+from shared.events import VaultEvent
+from shared.ledger import (
+    FAILED,
+    IDLE,
+    OVERLAP,
+    ROTATING,
+    ConcurrentUpdate,
+    HistoryRecord,
+    Ledger,
+    SecretState,
+    history_key,
+)
+from shared.retry import call_with_retry
+from shared.settings import Settings, normalize_vault_url
+
+logger = logging.getLogger(__name__)
+
+# Outcome statuses, as the triggers and the status API report them.
+ROTATED = "rotated"
+RETIRED = "retired"
+ROLLED_BACK = "rolled_back"
+ROTATION_FAILED = "failed"
+IN_PROGRESS = "in_progress"
+DEFERRED = "deferred"
+DROPPED = "dropped"
+NOT_FOUND = "not_found"
+NOT_MANAGED = "not_managed"
+INVALID = "invalid"
+
+STEPS = ("claim", "create", "verify", "write", "validate", "finish", "retire")
+_BEFORE_WRITE = ("claim", "create", "verify")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str
+    secret: str
+    message: str
+    rotation_id: str = ""
+    new_version: str = ""
+    retryable: bool = False
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for the ledger and the logs. Errors raised here never carry secret values."""
+    text = " ".join(str(error).split())[:300]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def http_probe(url: str, deadline_seconds: float) -> None:
+    """Succeed once `url` answers 2xx; raise after the deadline."""
+    deadline = time.monotonic() + deadline_seconds
+    last = "no answer"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - allow-listed http(s)
+                if 200 <= response.status < 300:
+                    return
+                last = f"HTTP {response.status}"
+        except urllib.error.HTTPError as error:
+            last = f"HTTP {error.code}"
+        except (urllib.error.URLError, OSError) as error:
+            last = type(error).__name__
+        if time.monotonic() >= deadline:
+            raise RotationError(f"consumer probe {url} did not succeed: {last}")
+        time.sleep(1)
+
+
+class RotationEngine:
+    def __init__(
+        self,
+        *,
+        secret_client: Callable[[str], SecretClient],
+        ledger: Ledger,
+        rotators: RotatorRegistry,
+        settings: Settings,
+        credential: TokenCredential,
+        clock: Callable[[], datetime] = utc_now,
+        probe: Callable[[str, float], None] = http_probe,
+        checkpoint: Callable[[str], None] | None = None,
+    ) -> None:
+        self._secret_client = secret_client
+        self.ledger = ledger
+        self._rotators = rotators
+        self.settings = settings
+        self._credential = credential
+        self._clock = clock
+        self._probe = probe
+        self._checkpoint = checkpoint or (lambda _point: None)
+
+    # ----------------------------------------------------------------- entry points
+
+    def handle_event(self, event: VaultEvent) -> Outcome:
+        if not self.settings.vault_allowed(event.vault_url):
+            return self._log(
+                Outcome(DROPPED, event.name, f"vault {event.vault_url} is not in ROTATION_ALLOWED_VAULTS")
+            )
+        return self.rotate(
+            event.vault_url,
+            event.name,
+            trigger=f"event:{event.event_type.rsplit('.', 1)[-1]}",
+            requested_by=f"eventgrid:{event.event_id}",
+            expected_version=event.version,
+        )
+
+    def rotate(
+        self,
+        vault_url: str,
+        name: str,
+        *,
+        trigger: str,
+        requested_by: str = "",
+        reason: str = "",
+        emergency: bool = False,
+        expected_version: str | None = None,
+    ) -> Outcome:
+        """Rotate one secret now, or resume its stalled rotation."""
+        vault_url = normalize_vault_url(vault_url)
+        try:
+            validate_secret_name(name)
+        except ConfigError as error:
+            return self._log(Outcome(INVALID, name[:128], str(error)))
+        if not self.settings.vault_allowed(vault_url):
+            return self._log(Outcome(DROPPED, name, f"vault {vault_url} is not in ROTATION_ALLOWED_VAULTS"))
+
+        state = self.ledger.get(vault_url, name)
+        now = self._clock()
+        if state and state.state == ROTATING:
+            if state.lease_held(now):
+                return self._log(
+                    Outcome(IN_PROGRESS, name, "a rotation of this secret is in progress", state.rotation_id)
+                )
+            return self._resume(state)
+
+        client = self._secret_client(vault_url)
+        try:
+            current = self._get_secret(client, name)
+        except ResourceNotFoundError:
+            return self._log(Outcome(NOT_FOUND, name, "no such secret in the vault"))
+        try:
+            config = parse_config(current.properties.tags, self.settings)
+        except NotManaged as error:
+            return self._log(Outcome(NOT_MANAGED, name, str(error)))
+        except ConfigError as error:
+            return self._log(Outcome(INVALID, name, str(error)))
+        if expected_version and current.properties.version != expected_version:
+            return self._log(
+                Outcome(DROPPED, name, f"stale event: version {expected_version} is not current")
+            )
+
+        if state and state.state == OVERLAP:
+            due = state.retire_after is not None and state.retire_after <= now
+            if not (due or emergency):
+                when = state.retire_after.isoformat() if state.retire_after else "?"
+                return self._log(
+                    Outcome(DEFERRED, name, f"previous credential is in its overlap until {when}")
+                )
+            retired = self._retire(state)
+            if retired.status != RETIRED:
+                return retired
+
+        state = state or SecretState(vault_url=vault_url, name=name)
+        rotation_id = uuid.uuid4().hex
+        state.state, state.step, state.rotation_id = ROTATING, "claim", rotation_id
+        state.trigger, state.requested_by, state.reason = trigger, requested_by[:200], reason[:500]
+        state.emergency, state.started_on, state.lease_until = emergency, now, now + self.settings.lease
+        state.from_version, state.from_slot = current.properties.version or "", config.current_slot
+        state.to_slot, state.new_version, state.pending_credential = config.inactive_slot, "", ""
+        state.attempts, state.last_error, state.step_timings = 1, "", "{}"
+        state.history_key = history_key(now, rotation_id)
+        try:
+            self.ledger.save(state)
+        except ConcurrentUpdate:
+            return self._log(Outcome(IN_PROGRESS, name, "a rotation of this secret is in progress"))
+        self._write_history(state)
+        self._checkpoint("after:claim")
+        return self._run(state, client, config)
+
+    def retire_due(self, vault_url: str, name: str) -> Outcome:
+        state = self.ledger.get(normalize_vault_url(vault_url), name)
+        if not state or state.state != OVERLAP:
+            return Outcome(DROPPED, name, "nothing to retire")
+        if state.retire_after and state.retire_after > self._clock():
+            return Outcome(DEFERRED, name, f"overlap runs until {state.retire_after.isoformat()}")
+        return self._retire(state)
+
+    def sweep(self) -> list[Outcome]:
+        """Retire due overlaps, resume stalled rotations, rotate near-expiry secrets with no event."""
+        outcomes: list[Outcome] = []
+        now = self._clock()
+        known: dict[tuple[str, str], SecretState] = {}
+        for state in self.ledger.states():
+            known[(state.vault_url, state.name)] = state
+            if not self.settings.vault_allowed(state.vault_url):
+                continue
+            with self._isolated(state.name, outcomes):
+                if state.state == OVERLAP and state.retire_after and state.retire_after <= now:
+                    outcomes.append(self._retire(state))
+                elif state.state == ROTATING and not state.lease_held(now):
+                    outcomes.append(self._resume(state))
+        horizon = now + self.settings.sweep_lead_time
+        for vault_url in sorted(self.settings.allowed_vaults):
+            client = self._secret_client(vault_url)
+            for props in client.list_properties_of_secrets():
+                name = props.name or ""
+                due = self._due_for_rotation(
+                    enabled=props.enabled,
+                    tags=props.tags,
+                    expires_on=props.expires_on,
+                    state=known.get((vault_url, name)),
+                    horizon=horizon,
+                    now=now,
+                )
+                if not due:
+                    continue
+                with self._isolated(name, outcomes):
+                    outcomes.append(
+                        self.rotate(
+                            vault_url,
+                            name,
+                            trigger="sweep",
+                            requested_by="timer",
+                            expected_version=props.version,
+                        )
+                    )
+        return outcomes
+
+    def _due_for_rotation(
+        self,
+        *,
+        enabled: bool | None,
+        tags: dict[str, str] | None,
+        expires_on: datetime | None,
+        state: SecretState | None,
+        horizon: datetime,
+        now: datetime,
+    ) -> bool:
+        if not enabled or not is_managed(tags) or not expires_on or expires_on > horizon:
+            return False
+        if state and state.state in (ROTATING, OVERLAP):
+            return False
+        failed_recently = (
+            state is not None
+            and state.last_outcome in (ROTATION_FAILED, ROLLED_BACK)
+            and state.last_attempt_on is not None
+            and state.last_attempt_on + self.settings.retry_after_failure > now
+        )
+        return not failed_recently
+
+    # ----------------------------------------------------------------- the steps
+
+    def _resume(self, state: SecretState) -> Outcome:
+        now = self._clock()
+        state.lease_until = now + self.settings.lease
+        state.attempts += 1
+        try:
+            self.ledger.save(state)
+        except ConcurrentUpdate:
+            return self._log(
+                Outcome(
+                    IN_PROGRESS, state.name, "a rotation of this secret is in progress", state.rotation_id
+                )
+            )
+        logger.info(
+            "%s: resuming rotation %s at step %s (attempt %d)",
+            state.name,
+            state.rotation_id,
+            state.step,
+            state.attempts,
+        )
+        client = self._secret_client(state.vault_url)
+        try:
+            current = self._get_secret(client, state.name)
+            config = parse_config(current.properties.tags, self.settings)
+        except (ResourceNotFoundError, RotationError) as error:
+            return self._fail(state, error, None)
+        if state.step == "rollback":
+            return self._rollback(state, client, config, state.last_error or "resumed rollback")
+        return self._run(state, client, config)
+
+    def _run(self, state: SecretState, client: SecretClient, config: RotationConfig) -> Outcome:
+        context = RotationContext(config, client, self._credential, self.settings)
+        rotator = None
+        try:
+            rotator = self._rotators.get(config.rotator)
+            rotator.validate(context)
+            written = self._version_written_by(client, state.name, state.rotation_id)
+            if written is None:
+                # Recorded before the upstream call, so an orphan can be found after a crash.
+                state.pending_credential = state.to_slot
+                with self._step(state, "create"):
+                    new = rotator.create(context, state.to_slot)
+                with self._step(state, "verify"):
+                    rotator.verify(context, new.value)
+                with self._step(state, "write"):
+                    written = call_with_retry(
+                        lambda: client.set_secret(
+                            state.name,
+                            new.value,
+                            tags=config.tags_for_new_version(state.to_slot, state.rotation_id),
+                            expires_on=self._clock() + config.validity,
+                            content_type="application/json",
+                        ),
+                        what="write new secret version",
+                    )
+                    state.new_version = written.properties.version or ""
+            else:
+                state.new_version = written.properties.version or ""
+            with self._step(state, "validate"):
+                failure = self._probe_consumers(config)
+            if failure:
+                return self._rollback(state, client, config, failure)
+            with self._step(state, "finish"):
+                outcome = self._finish(state, written, config)
+        except ConcurrentUpdate:
+            return self._log(
+                Outcome(
+                    IN_PROGRESS, state.name, "the rotation was taken over by another run", state.rotation_id
+                )
+            )
+        except Exception as error:
+            return self._fail(state, error, (rotator, context) if rotator else None)
+        if state.emergency:
+            retired = self._retire(state)
+            if retired.status != RETIRED:
+                return retired
+        return outcome
+
+    def _finish(self, state: SecretState, written: KeyVaultSecret, config: RotationConfig) -> Outcome:
+        now = self._clock()
+        state.current_version, state.current_slot = state.new_version, state.to_slot
+        state.expires_on = written.properties.expires_on
+        state.last_rotated_on = state.last_attempt_on = now
+        state.last_outcome, state.last_error = ROTATED, ""
+        state.retire_slot, state.retire_version = state.from_slot, state.from_version
+        state.retire_after = now if state.emergency else now + config.overlap
+        state.state, state.step, state.lease_until, state.pending_credential = OVERLAP, "", None, ""
+        self.ledger.save(state)
+        self._write_history(state, outcome=ROTATED, ended_on=now)
+        message = (
+            f"new version {state.new_version} on slot {state.to_slot}; "
+            f"previous slot retires at {state.retire_after.isoformat()}"
+        )
+        return self._log(Outcome(ROTATED, state.name, message, state.rotation_id, state.new_version))
+
+    def _rollback(
+        self, state: SecretState, client: SecretClient, config: RotationConfig, reason: str
+    ) -> Outcome:
+        """Consumers failed on the new credential: make the previous one newest again, revoke the new one."""
+        logger.warning("%s: rolling back rotation %s: %s", state.name, state.rotation_id, reason)
+        context = RotationContext(config, client, self._credential, self.settings)
+        rollback_id = f"{state.rotation_id}-rollback"
+        try:
+            state.step, state.last_error = "rollback", reason[:500]
+            self.ledger.save(state)
+            if self._version_written_by(client, state.name, rollback_id) is None:
+                previous = self._get_secret(client, state.name, state.from_version)
+                tags = dict(previous.properties.tags or {})
+                tags[TAG_ROTATION_ID] = rollback_id
+                call_with_retry(
+                    lambda: client.set_secret(
+                        state.name,
+                        previous.value or "",
+                        tags=tags,
+                        expires_on=previous.properties.expires_on,
+                        content_type=previous.properties.content_type,
+                    ),
+                    what="restore previous secret version",
+                )
+            self._checkpoint("after:rollback-write")
+            self._rotators.get(config.rotator).retire(context, state.to_slot)
+            self._checkpoint("after:rollback-revoke")
+        except ConcurrentUpdate:
+            return Outcome(
+                IN_PROGRESS, state.name, "the rollback was taken over by another run", state.rotation_id
+            )
+        except Exception as error:
+            return self._fail(state, error, None)
+        now = self._clock()
+        state.state, state.step, state.lease_until, state.pending_credential = IDLE, "", None, ""
+        state.last_outcome, state.last_attempt_on = ROLLED_BACK, now
+        self.ledger.save(state)
+        self._write_history(state, outcome=ROLLED_BACK, ended_on=now, error=reason)
+        return self._log(Outcome(ROLLED_BACK, state.name, f"rolled back: {reason}", state.rotation_id))
+
+    def _retire(self, state: SecretState) -> Outcome:
+        """Revoke the previous slot once its overlap is over, and disable its Key Vault version."""
+        client = self._secret_client(state.vault_url)
+        try:
+            current = self._get_secret(client, state.name)
+            config = parse_config(current.properties.tags, self.settings)
+            if config.current_slot == state.retire_slot:
+                raise UnsafeOperation(
+                    f"slot {state.retire_slot} is the one the newest version uses: refusing to retire it"
+                )
+            state.step = "retire"
+            self.ledger.save(state)
+            started = time.perf_counter()
+            context = RotationContext(config, client, self._credential, self.settings)
+            self._checkpoint("before:retire")
+            self._rotators.get(config.rotator).retire(context, state.retire_slot)
+            if state.retire_version:
+                self._disable_version(client, state.name, state.retire_version)
+            self._checkpoint("after:retire")
+            state.record_timing("retire", (time.perf_counter() - started) * 1000)
+        except ConcurrentUpdate:
+            return Outcome(IN_PROGRESS, state.name, "retirement taken over by another run", state.rotation_id)
+        except Exception as error:
+            state.last_error, state.last_attempt_on = describe_error(error), self._clock()
+            with suppress(ConcurrentUpdate):
+                self.ledger.save(state)
+            logger.error("%s: retiring slot %s failed: %s", state.name, state.retire_slot, state.last_error)
+            return Outcome(ROTATION_FAILED, state.name, state.last_error, state.rotation_id, retryable=True)
+        now = self._clock()
+        slot, version = state.retire_slot, state.retire_version
+        state.state, state.step, state.lease_until = IDLE, "", None
+        state.retire_slot, state.retire_version, state.retire_after = "", "", None
+        state.last_error = ""
+        self.ledger.save(state)
+        self._write_history(state, retired_on=now)
+        return self._log(
+            Outcome(RETIRED, state.name, f"retired slot {slot} (version {version})", state.rotation_id)
+        )
+
+    def _fail(
+        self,
+        state: SecretState,
+        error: BaseException,
+        revoke: tuple[Rotator, RotationContext] | None,
+    ) -> Outcome:
+        now = self._clock()
+        message = describe_error(error)
+        state.last_error, state.last_attempt_on, state.lease_until = message, now, now
+        written = state.step not in _BEFORE_WRITE
+        retryable = not isinstance(error, ConfigError | UnsafeOperation)
+        logger.error(
+            "%s: rotation %s failed at step %s: %s", state.name, state.rotation_id, state.step, message
+        )
+        if written and retryable and state.attempts < self.settings.max_attempts:
+            # The new version is live: keep the rotation open so the next trigger finishes it.
+            self._save_quietly(state)
+            return Outcome(ROTATION_FAILED, state.name, message, state.rotation_id, retryable=True)
+        if not written and revoke is not None and state.pending_credential:
+            rotator, context = revoke
+            try:
+                rotator.retire(context, state.to_slot)
+            except Exception as revoke_error:
+                logger.warning(
+                    "%s: could not revoke unused slot %s: %s",
+                    state.name,
+                    state.to_slot,
+                    describe_error(revoke_error),
+                )
+        state.state = FAILED if written else IDLE
+        state.step, state.pending_credential = (
+            ("", "") if not written else (state.step, state.pending_credential)
+        )
+        state.last_outcome = ROTATION_FAILED
+        self._save_quietly(state)
+        self._write_history(state, outcome=ROTATION_FAILED, ended_on=now, error=message)
+        return Outcome(
+            ROTATION_FAILED, state.name, message, state.rotation_id, retryable=retryable and not written
+        )
+
+    # ----------------------------------------------------------------- helpers
+
+    @contextmanager
+    def _step(self, state: SecretState, step: str) -> Iterator[None]:
+        state.step = step
+        self.ledger.save(state)
+        self._checkpoint(f"before:{step}")
+        started = time.perf_counter()
+        yield
+        state.record_timing(step, (time.perf_counter() - started) * 1000)
+        self._checkpoint(f"after:{step}")
+
+    @contextmanager
+    def _isolated(self, name: str, outcomes: list[Outcome]) -> Iterator[None]:
+        """One secret's failure must not stop a sweep over the others."""
+        try:
+            yield
+        except Exception as error:
+            logger.error("%s: sweep failed: %s", name, describe_error(error))
+            outcomes.append(Outcome(ROTATION_FAILED, name, describe_error(error), retryable=True))
+
+    def _probe_consumers(self, config: RotationConfig) -> str | None:
+        for url in config.probes:
+            try:
+                self._probe(url, self.settings.probe_timeout.total_seconds())
+            except Exception as error:
+                return f"consumer probe failed: {describe_error(error)}"
+        return None
+
+    def _get_secret(self, client: SecretClient, name: str, version: str | None = None) -> KeyVaultSecret:
+        return call_with_retry(lambda: client.get_secret(name, version), what="read secret")
+
+    def _version_written_by(self, client: SecretClient, name: str, rotation_id: str) -> KeyVaultSecret | None:
+        newest = self._get_secret(client, name)
+        tags = newest.properties.tags or {}
+        return newest if tags.get(TAG_ROTATION_ID) == rotation_id else None
+
+    def _disable_version(self, client: SecretClient, name: str, version: str) -> None:
+        try:
+            call_with_retry(
+                lambda: client.update_secret_properties(name, version, enabled=False),
+                what="disable retired version",
+            )
+        except ResourceNotFoundError:
+            logger.info("%s: retired version %s no longer exists", name, version)
+
+    def _save_quietly(self, state: SecretState) -> None:
+        try:
+            self.ledger.save(state)
+        except Exception as error:
+            logger.error(
+                "%s: could not record the failure in the ledger: %s", state.name, describe_error(error)
+            )
+
+    def _write_history(
+        self,
+        state: SecretState,
+        *,
+        outcome: str | None = None,
+        ended_on: datetime | None = None,
+        retired_on: datetime | None = None,
+        error: str = "",
+    ) -> None:
+        record = self.ledger.read_history(state.vault_url, state.name, state.history_key) or HistoryRecord(
+            vault_url=state.vault_url,
+            name=state.name,
+            rotation_id=state.rotation_id,
+            trigger=state.trigger,
+            requested_by=state.requested_by,
+            reason=state.reason,
+            emergency=state.emergency,
+            started_on=state.started_on,
+            from_version=state.from_version,
+            from_slot=state.from_slot,
+            to_slot=state.to_slot,
+        )
+        record.new_version = state.new_version or record.new_version
+        record.attempts = state.attempts
+        record.step_timings = state.step_timings
+        if outcome:
+            record.outcome = outcome
+        if ended_on:
+            record.ended_on = ended_on
+        if retired_on:
+            record.retired_on = retired_on
+        if error:
+            record.error = error[:500]
+        self.ledger.write_history(record, state.history_key)
+
+    def _log(self, outcome: Outcome) -> Outcome:
+        level = (
+            logging.INFO if outcome.status in (ROTATED, RETIRED, IN_PROGRESS, DEFERRED) else logging.WARNING
+        )
+        logger.log(level, "%s: %s: %s", outcome.secret, outcome.status, outcome.message)
+        return outcome

@@ -1,0 +1,125 @@
+"""Key Vault events, in the Event Grid schema or the CloudEvents schema.
+
+Microsoft's documented payloads disagree on the casing of the data fields
+(`ObjectName`, `objectName`) and carry stray spaces, so data keys are read
+case-insensitively and values are trimmed.
+"""
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from shared.config import SECRET_NAME
+from shared.errors import InvalidEvent
+from shared.settings import normalize_vault_url
+
+SECRET_NEAR_EXPIRY = "Microsoft.KeyVault.SecretNearExpiry"
+SECRET_EXPIRED = "Microsoft.KeyVault.SecretExpired"
+ROTATION_EVENT_TYPES = frozenset({SECRET_NEAR_EXPIRY, SECRET_EXPIRED})
+
+MAX_EVENT_BYTES = 64 * 1024
+_VERSION = re.compile(r"^[0-9a-fA-F]{32}$")
+
+
+@dataclass(frozen=True)
+class VaultEvent:
+    """The facts the engine needs from a Key Vault event."""
+
+    event_id: str
+    event_type: str
+    vault_url: str
+    object_type: str
+    name: str
+    version: str
+    expires_on: datetime | None
+
+
+def _lower_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {str(key).strip().lower(): value for key, value in data.items()}
+
+
+def _text(data: Mapping[str, Any], key: str) -> str:
+    value = data.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str | int | float):
+        raise InvalidEvent(f"event data field {key!r} is not a string")
+    return str(value).strip()
+
+
+def _epoch(value: str) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromtimestamp(int(float(value)), tz=UTC)
+    except (ValueError, OverflowError, OSError):
+        raise InvalidEvent("event data field EXP is not a unix time") from None
+
+
+def parse_event(event_type: str | None, event_id: str | None, data: Any) -> VaultEvent:
+    """Validate one event's type and data, whatever schema carried it."""
+    kind = (event_type or "").strip()
+    if kind not in ROTATION_EVENT_TYPES:
+        raise InvalidEvent(f"unsupported event type {kind[:80]!r}")
+    if not isinstance(data, Mapping):
+        raise InvalidEvent("event data is not a JSON object")
+    fields = _lower_keys(data)
+    object_id = _text(fields, "id")
+    parts = urlsplit(object_id)
+    path = parts.path.strip("/").split("/")
+    if parts.scheme != "https" or not parts.hostname or len(path) != 3 or path[0] != "secrets":
+        raise InvalidEvent("event data Id is not a Key Vault secret version URL")
+    _, id_name, id_version = path
+    name = _text(fields, "objectname") or id_name
+    version = _text(fields, "version") or id_version
+    if name != id_name or version != id_version:
+        raise InvalidEvent("event data ObjectName/Version disagree with its Id")
+    if not SECRET_NAME.match(name):
+        raise InvalidEvent("event names an invalid secret name")
+    if not _VERSION.match(version):
+        raise InvalidEvent("event names an invalid secret version")
+    object_type = _text(fields, "objecttype") or "Secret"
+    if object_type.lower() != "secret":
+        raise InvalidEvent(f"event object type {object_type[:20]!r} is not a secret")
+    return VaultEvent(
+        event_id=(event_id or "").strip()[:128],
+        event_type=kind,
+        vault_url=normalize_vault_url(f"https://{parts.netloc}"),
+        object_type="Secret",
+        name=name,
+        version=version.lower(),
+        expires_on=_epoch(_text(fields, "exp")),
+    )
+
+
+def parse_function_event(event: object) -> VaultEvent:
+    """Read the `func.EventGridEvent` or `func.CloudEvent` the Functions host hands over."""
+    event_type = getattr(event, "event_type", None) or getattr(event, "type", None)
+    get_json = getattr(event, "get_json", None)
+    if not callable(get_json):
+        raise InvalidEvent("not an Event Grid or CloudEvents event")
+    return parse_event(event_type, getattr(event, "id", None), get_json())
+
+
+def parse_payload(body: bytes) -> list[VaultEvent]:
+    """Parse a raw delivery body: an Event Grid array, one CloudEvent, or a CloudEvents batch."""
+    if len(body) > MAX_EVENT_BYTES:
+        raise InvalidEvent(f"event payload larger than {MAX_EVENT_BYTES} bytes")
+    try:
+        decoded = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidEvent("event payload is not JSON") from None
+    items = decoded if isinstance(decoded, list) else [decoded]
+    events = []
+    for item in items:
+        if not isinstance(item, Mapping):
+            raise InvalidEvent("event is not a JSON object")
+        if "specversion" in item:
+            events.append(parse_event(item.get("type"), item.get("id"), item.get("data")))
+        else:
+            events.append(parse_event(item.get("eventType"), item.get("id"), item.get("data")))
+    return events

@@ -1,0 +1,239 @@
+"""The rotation ledger on Azure Table Storage: workflow state and history.
+
+One state row per managed secret (PartitionKey = vault host, RowKey = secret
+name) and one history row per rotation attempt. Writes to a state row are
+conditional on its ETag, which is how a rotation claims a secret: of two
+concurrent claims exactly one succeeds. The ledger never holds a secret value.
+"""
+
+import json
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
+from azure.data.tables import TableClient, TableServiceClient, UpdateMode
+
+from shared.retry import call_with_retry
+
+IDLE = "idle"
+ROTATING = "rotating"
+OVERLAP = "overlap"
+FAILED = "failed"
+
+
+class ConcurrentUpdate(Exception):
+    """Another writer changed the row since it was read: the claim is lost."""
+
+
+def vault_key(vault_url: str) -> str:
+    """The vault's host (and port), a valid PartitionKey."""
+    return urlsplit(vault_url).netloc.lower()
+
+
+def _is_conflict(error: HttpResponseError) -> bool:
+    return isinstance(error, ResourceModifiedError | ResourceExistsError) or error.status_code in (409, 412)
+
+
+@dataclass
+class SecretState:
+    """Where one managed secret stands. Field names are the table's column names."""
+
+    vault_url: str
+    name: str
+    state: str = IDLE
+    step: str = ""
+    rotation_id: str = ""
+    trigger: str = ""
+    requested_by: str = ""
+    reason: str = ""
+    emergency: bool = False
+    lease_until: datetime | None = None
+    started_on: datetime | None = None
+    from_version: str = ""
+    from_slot: str = ""
+    to_slot: str = ""
+    new_version: str = ""
+    pending_credential: str = ""
+    retire_slot: str = ""
+    retire_version: str = ""
+    retire_after: datetime | None = None
+    current_version: str = ""
+    current_slot: str = ""
+    expires_on: datetime | None = None
+    attempts: int = 0
+    last_outcome: str = ""
+    last_error: str = ""
+    last_attempt_on: datetime | None = None
+    last_rotated_on: datetime | None = None
+    history_key: str = ""
+    step_timings: str = "{}"
+    etag: str | None = field(default=None, compare=False)
+
+    def lease_held(self, now: datetime) -> bool:
+        return self.state == ROTATING and self.lease_until is not None and self.lease_until > now
+
+    def record_timing(self, step: str, milliseconds: float) -> None:
+        timings = json.loads(self.step_timings or "{}")
+        timings[step] = round(timings.get(step, 0) + milliseconds, 1)
+        self.step_timings = json.dumps(timings, sort_keys=True)
+
+
+@dataclass
+class HistoryRecord:
+    """One rotation attempt, as an operator reads it afterwards."""
+
+    vault_url: str
+    name: str
+    rotation_id: str
+    trigger: str
+    requested_by: str = ""
+    reason: str = ""
+    emergency: bool = False
+    started_on: datetime | None = None
+    ended_on: datetime | None = None
+    retired_on: datetime | None = None
+    outcome: str = "in_progress"
+    from_version: str = ""
+    new_version: str = ""
+    from_slot: str = ""
+    to_slot: str = ""
+    attempts: int = 1
+    error: str = ""
+    step_timings: str = "{}"
+
+
+def history_key(started_on: datetime, rotation_id: str) -> str:
+    """RowKey that sorts newest first."""
+    inverted = 10**11 - int(started_on.timestamp())
+    return f"{inverted:011d}-{rotation_id}"
+
+
+def _to_entity(record: Any, partition: str, row: str) -> dict[str, Any]:
+    entity: dict[str, Any] = {"PartitionKey": partition, "RowKey": row}
+    for item in fields(record):
+        if item.name == "etag":
+            continue
+        value = getattr(record, item.name)
+        if value is not None:
+            entity[item.name] = value
+    return entity
+
+
+def _from_entity(cls: type[Any], entity: Any) -> Any:
+    known = {item.name for item in fields(cls)}
+    values = {key: value for key, value in entity.items() if key in known}
+    for key, value in values.items():
+        if isinstance(value, datetime) and value.tzinfo is None:
+            values[key] = value.replace(tzinfo=UTC)
+        elif isinstance(value, datetime):
+            values[key] = datetime.fromtimestamp(value.timestamp(), tz=UTC)
+    record = cls(**values)
+    if "etag" in known:
+        record.etag = entity.metadata.get("etag")
+    return record
+
+
+class Ledger:
+    def __init__(self, state_table: TableClient, history_table: TableClient) -> None:
+        self._state = state_table
+        self._history = history_table
+
+    @classmethod
+    def from_service(cls, service: TableServiceClient, prefix: str = "rotation") -> "Ledger":
+        return cls(service.get_table_client(f"{prefix}state"), service.get_table_client(f"{prefix}history"))
+
+    def ensure_tables(self) -> None:
+        for table in (self._state, self._history):
+            with suppress(ResourceExistsError):
+                call_with_retry(table.create_table, what="create ledger table")
+
+    def get(self, vault_url: str, name: str) -> SecretState | None:
+        try:
+            entity = call_with_retry(
+                lambda: self._state.get_entity(vault_key(vault_url), name), what="read ledger row"
+            )
+        except ResourceNotFoundError:
+            return None
+        state: SecretState = _from_entity(SecretState, entity)
+        return state
+
+    def save(self, state: SecretState) -> SecretState:
+        """Write the row if nobody changed it since it was read; raise ConcurrentUpdate otherwise."""
+        entity = _to_entity(state, vault_key(state.vault_url), state.name)
+        try:
+            if state.etag is None:
+                meta = call_with_retry(lambda: self._state.create_entity(entity), what="create ledger row")
+            else:
+                meta = call_with_retry(
+                    lambda: self._state.update_entity(
+                        entity,
+                        mode=UpdateMode.REPLACE,
+                        etag=state.etag,
+                        match_condition=MatchConditions.IfNotModified,
+                    ),
+                    what="update ledger row",
+                )
+        except HttpResponseError as error:
+            if _is_conflict(error):
+                raise ConcurrentUpdate(f"ledger row of {state.name} changed concurrently") from None
+            raise
+        state.etag = meta.get("etag")
+        return state
+
+    def states(self, vault_url: str | None = None) -> Iterator[SecretState]:
+        if vault_url:
+            query = self._state.query_entities("PartitionKey eq @pk", parameters={"pk": vault_key(vault_url)})
+        else:
+            query = self._state.list_entities()
+        for entity in query:
+            yield _from_entity(SecretState, entity)
+
+    def write_history(self, record: HistoryRecord, row_key: str) -> None:
+        entity = _to_entity(record, f"{vault_key(record.vault_url)}|{record.name}", row_key)
+        call_with_retry(
+            lambda: self._history.upsert_entity(entity, mode=UpdateMode.REPLACE), what="write history"
+        )
+
+    def read_history(self, vault_url: str, name: str, row_key: str) -> HistoryRecord | None:
+        try:
+            entity = call_with_retry(
+                lambda: self._history.get_entity(f"{vault_key(vault_url)}|{name}", row_key),
+                what="read history",
+            )
+        except ResourceNotFoundError:
+            return None
+        record: HistoryRecord = _from_entity(HistoryRecord, entity)
+        return record
+
+    def history(self, vault_url: str, name: str, limit: int = 20) -> list[HistoryRecord]:
+        query = self._history.query_entities(
+            "PartitionKey eq @pk", parameters={"pk": f"{vault_key(vault_url)}|{name}"}, results_per_page=limit
+        )
+        records: list[HistoryRecord] = []
+        for entity in query:
+            records.append(_from_entity(HistoryRecord, entity))
+            if len(records) >= limit:
+                break
+        return records
+
+
+def as_dict(record: SecretState | HistoryRecord) -> dict[str, Any]:
+    """JSON-ready view of a ledger record (for status output and logs)."""
+    data = asdict(record)
+    data.pop("etag", None)
+    for key, value in data.items():
+        if isinstance(value, datetime):
+            data[key] = value.isoformat()
+    if isinstance(data.get("step_timings"), str):
+        data["step_timings"] = json.loads(data["step_timings"] or "{}")
+    return data

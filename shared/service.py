@@ -1,0 +1,70 @@
+"""Composition root: builds the engine from app settings with the real Azure clients.
+
+Production and the local stack use this same code; only the settings differ
+(vault URLs, the ledger's endpoint, a CA bundle for the local vault). Clients
+are created once per worker process and reused across invocations.
+"""
+
+import threading
+from functools import lru_cache
+
+from azure.data.tables import TableServiceClient
+from azure.identity import DefaultAzureCredential
+from azure.keyvault.secrets import SecretClient
+
+from rotators import RotatorRegistry
+from shared.engine import RotationEngine
+from shared.ledger import Ledger
+from shared.settings import Settings
+
+_lock = threading.Lock()
+_engine: RotationEngine | None = None
+
+
+def build_engine(settings: Settings) -> RotationEngine:
+    credential = DefaultAzureCredential()
+
+    @lru_cache(maxsize=32)
+    def secret_client(vault_url: str) -> SecretClient:
+        options: dict[str, object] = {
+            "api_version": settings.keyvault_api_version,
+            "verify_challenge_resource": settings.keyvault_verify_challenge_resource,
+        }
+        if settings.keyvault_ca_bundle:
+            options["connection_verify"] = settings.keyvault_ca_bundle
+        return SecretClient(vault_url, credential, **options)
+
+    if settings.ledger_connection_string:
+        tables = TableServiceClient.from_connection_string(settings.ledger_connection_string)
+    elif settings.ledger_table_endpoint:
+        tables = TableServiceClient(settings.ledger_table_endpoint, credential=credential)
+    else:
+        raise RuntimeError(
+            "no ledger configured: set AzureWebJobsStorage__accountName, LEDGER_TABLE_ENDPOINT "
+            "or LEDGER_CONNECTION_STRING"
+        )
+    ledger = Ledger.from_service(tables, settings.ledger_table_prefix)
+    ledger.ensure_tables()
+    return RotationEngine(
+        secret_client=secret_client,
+        ledger=ledger,
+        rotators=RotatorRegistry(),
+        settings=settings,
+        credential=credential,
+    )
+
+
+def engine() -> RotationEngine:
+    """The process-wide engine, built on first use from the environment."""
+    global _engine  # noqa: PLW0603 - one engine per worker process, created lazily
+    with _lock:
+        if _engine is None:
+            _engine = build_engine(Settings.from_env())
+        return _engine
+
+
+def use_engine(replacement: RotationEngine | None) -> None:
+    """Install an engine (or clear it, so the next call builds one from the environment)."""
+    global _engine  # noqa: PLW0603
+    with _lock:
+        _engine = replacement

@@ -1,0 +1,109 @@
+"""App settings: which vaults the service serves, which upstreams it may touch, defaults.
+
+Everything comes from the Function App's settings (environment variables), so the
+same code runs on the Functions host and against the local stack.
+"""
+
+import fnmatch
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from urllib.parse import urlsplit
+
+from shared.durations import parse_duration
+from shared.errors import ConfigError
+
+
+def normalize_vault_url(value: str) -> str:
+    """`myvault`, `https://MyVault.vault.azure.net/` -> `https://myvault.vault.azure.net`."""
+    text = value.strip()
+    if "://" not in text:
+        if not text or "/" in text or "." in text or ":" in text:
+            raise ConfigError(f"invalid vault {text[:80]!r}: give a vault name or an https URL")
+        return f"https://{text.lower()}.vault.azure.net"
+    parts = urlsplit(text)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ConfigError(f"invalid vault URL {text[:80]!r}: Key Vault is only reached over https")
+    port = f":{parts.port}" if parts.port else ""
+    return f"https://{parts.hostname.lower()}{port}"
+
+
+def _split_list(value: str) -> list[str]:
+    return [item.strip() for item in value.replace(";", ",").split(",") if item.strip()]
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"invalid boolean setting {value[:20]!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    allowed_vaults: frozenset[str]
+    allowed_targets: tuple[str, ...]
+    default_validity: timedelta = timedelta(days=90)
+    default_overlap: timedelta = timedelta(days=1)
+    sweep_lead_time: timedelta = timedelta(days=28)
+    lease: timedelta = timedelta(minutes=10)
+    retry_after_failure: timedelta = timedelta(hours=1)
+    max_attempts: int = 5
+    probe_timeout: timedelta = timedelta(minutes=2)
+    postgres_sslmode: str = "require"
+    keyvault_api_version: str = "7.6"
+    keyvault_ca_bundle: str | None = None
+    keyvault_verify_challenge_resource: bool = True
+    ledger_connection_string: str | None = None
+    ledger_table_endpoint: str | None = None
+    ledger_table_prefix: str = "rotation"
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+
+        def duration(name: str, default: timedelta) -> timedelta:
+            raw = env.get(name)
+            return parse_duration(raw) if raw else default
+
+        vaults = frozenset(
+            normalize_vault_url(v) for v in _split_list(env.get("ROTATION_ALLOWED_VAULTS", ""))
+        )
+        targets = tuple(t.lower() for t in _split_list(env.get("ROTATION_ALLOWED_TARGETS", "")))
+        table_endpoint = env.get("LEDGER_TABLE_ENDPOINT") or env.get("AzureWebJobsStorage__tableServiceUri")
+        if not table_endpoint and env.get("AzureWebJobsStorage__accountName"):
+            table_endpoint = f"https://{env['AzureWebJobsStorage__accountName']}.table.core.windows.net"
+        return cls(
+            allowed_vaults=vaults,
+            allowed_targets=targets,
+            default_validity=duration("ROTATION_DEFAULT_VALIDITY", cls.default_validity),
+            default_overlap=duration("ROTATION_DEFAULT_OVERLAP", cls.default_overlap),
+            sweep_lead_time=duration("ROTATION_SWEEP_LEAD_TIME", cls.sweep_lead_time),
+            lease=duration("ROTATION_LEASE", cls.lease),
+            retry_after_failure=duration("ROTATION_RETRY_AFTER_FAILURE", cls.retry_after_failure),
+            max_attempts=int(env.get("ROTATION_MAX_ATTEMPTS", cls.max_attempts)),
+            probe_timeout=duration("ROTATION_PROBE_TIMEOUT", cls.probe_timeout),
+            postgres_sslmode=env.get("ROTATION_POSTGRES_SSLMODE", cls.postgres_sslmode),
+            keyvault_api_version=env.get("KEYVAULT_API_VERSION", cls.keyvault_api_version),
+            keyvault_ca_bundle=env.get("KEYVAULT_CA_BUNDLE") or None,
+            keyvault_verify_challenge_resource=_bool(env.get("KEYVAULT_VERIFY_CHALLENGE_RESOURCE", "true")),
+            ledger_connection_string=env.get("LEDGER_CONNECTION_STRING") or None,
+            ledger_table_endpoint=table_endpoint or None,
+            ledger_table_prefix=env.get("LEDGER_TABLE_PREFIX", cls.ledger_table_prefix),
+        )
+
+    def vault_allowed(self, vault_url: str) -> bool:
+        return vault_url in self.allowed_vaults
+
+    def target_allowed(self, host: str, port: int) -> bool:
+        """True when `host:port` matches an allow-list entry (`host`, `host:port`, `*.suffix:port`)."""
+        candidate = f"{host.lower()}:{port}"
+        for pattern in self.allowed_targets:
+            with_port = pattern if ":" in pattern else f"{pattern}:*"
+            if fnmatch.fnmatchcase(candidate, with_port):
+                return True
+        return False
