@@ -1,0 +1,139 @@
+"""The devstack launchers start real servers: PostgreSQL and Azurite.
+
+No skips: if a server is not installed the launcher raises an error that
+says to run scripts/setup, and the test fails with it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceModifiedError
+from azure.data.tables import TableServiceClient, UpdateMode
+from psycopg import sql
+from psycopg.rows import TupleRow
+
+from devstack import azurite as azurite_module
+from devstack import postgres as postgres_module
+from devstack.azurite import Azurite, AzuriteNotFoundError
+from devstack.ports import port_is_open
+from devstack.postgres import PostgresNotFoundError, PostgresServer
+
+
+@pytest.fixture
+def pg(tmp_path: Path) -> Iterator[PostgresServer]:
+    with PostgresServer(tmp_path) as server:
+        print(f"\nPostgreSQL started in {server.start_seconds:.2f} s")
+        print(f"(initdb {server.initdb_seconds:.2f} s, start {server.last_start_seconds:.2f} s)")
+        yield server
+
+
+def set_password_sql(conn: psycopg.Connection[TupleRow], role: str, password: str) -> sql.Composed:
+    """ALTER ROLE ... PASSWORD with a SCRAM verifier hashed here, not on the server."""
+    verifier = conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256").decode()
+    return sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(verifier))
+
+
+def test_postgres_scram_login_role_and_restart(pg: PostgresServer) -> None:
+    with pg.admin_connect() as admin:
+        row = admin.execute(
+            "SELECT current_user, current_setting('log_statement'), inet_server_port()"
+        ).fetchone()
+        assert row == (pg.admin_user, "none", pg.port)
+        method = admin.execute(
+            "SELECT auth_method FROM pg_hba_file_rules WHERE type = 'host' AND address = '127.0.0.1'"
+        ).fetchone()
+        assert method == ("scram-sha-256",)
+
+        role, password = "app-user", secrets.token_urlsafe(18)
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        admin.execute(set_password_sql(admin, role, password))
+        stored = admin.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", [role]).fetchone()
+        assert stored is not None and str(stored[0]).startswith("SCRAM-SHA-256$")
+
+    with psycopg.connect(pg.conninfo(user=role, password=password)) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (role,)
+
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(pg.conninfo(user=role, password="wrong-" + password))
+
+    port = pg.port
+    pg.restart()
+    assert pg.port == port
+    print(f"PostgreSQL restarted in {pg.last_start_seconds:.2f} s")
+    with psycopg.connect(pg.conninfo(user=role, password=password)) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_postgres_stop_closes_port_and_removes_files(tmp_path: Path) -> None:
+    server = PostgresServer(tmp_path)
+    server.start()
+    port, data_dir = server.port, server.data_dir
+    assert port_is_open(server.host, port)
+    server.stop()
+    assert not port_is_open(server.host, port)
+    assert not data_dir.exists()
+    server.stop()  # stopping twice is harmless
+
+
+def test_postgres_missing_binaries_say_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(postgres_module, "PG_LIB_DIR", tmp_path)
+    with pytest.raises(PostgresNotFoundError, match="scripts/setup"):
+        PostgresServer(tmp_path).start()
+
+
+@pytest.fixture
+def azurite(tmp_path: Path) -> Iterator[Azurite]:
+    with Azurite(tmp_path) as server:
+        print(f"\nAzurite (table) started in {server.start_seconds:.2f} s")
+        yield server
+
+
+def test_azurite_etag_conditional_update(azurite: Azurite) -> None:
+    assert azurite.table_endpoint == f"http://127.0.0.1:{azurite.ports['table']}/devstoreaccount1"
+    service = TableServiceClient.from_connection_string(azurite.connection_string)
+    table = service.create_table("claims")
+
+    table.upsert_entity({"PartitionKey": "vault1", "RowKey": "secret1", "owner": "nobody"})
+    entity = table.get_entity("vault1", "secret1")
+    stale_etag = entity.metadata["etag"]
+
+    entity["owner"] = "worker-a"
+    table.update_entity(
+        entity,
+        mode=UpdateMode.MERGE,
+        etag=stale_etag,
+        match_condition=MatchConditions.IfNotModified,
+    )
+
+    entity["owner"] = "worker-b"
+    with pytest.raises(ResourceModifiedError):
+        table.update_entity(
+            entity,
+            mode=UpdateMode.MERGE,
+            etag=stale_etag,
+            match_condition=MatchConditions.IfNotModified,
+        )
+    assert table.get_entity("vault1", "secret1")["owner"] == "worker-a"
+
+
+def test_azurite_stop_closes_port(tmp_path: Path) -> None:
+    server = Azurite(tmp_path)
+    server.start()
+    port = server.ports["table"]
+    assert port_is_open(server.host, port)
+    server.stop()
+    assert not port_is_open(server.host, port)
+    assert not server.running
+
+
+def test_azurite_missing_install_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(azurite_module, "BIN_DIR", tmp_path / "node_modules" / ".bin")
+    with pytest.raises(AzuriteNotFoundError, match="run scripts/setup"):
+        Azurite(tmp_path).start()
