@@ -7,6 +7,7 @@ are created once per worker process and reused across invocations.
 
 import threading
 from functools import lru_cache
+from typing import Any
 
 from azure.data.tables import TableServiceClient
 from azure.identity import DefaultAzureCredential
@@ -21,7 +22,8 @@ _lock = threading.Lock()
 _engine: RotationEngine | None = None
 
 
-def build_engine(settings: Settings) -> RotationEngine:
+def build_engine(settings: Settings, **engine_options: Any) -> RotationEngine:
+    """Real clients from settings; `engine_options` (clock, probe, checkpoint) serve tests and chaos runs."""
     credential = DefaultAzureCredential()
 
     @lru_cache(maxsize=32)
@@ -51,6 +53,7 @@ def build_engine(settings: Settings) -> RotationEngine:
         rotators=RotatorRegistry(),
         settings=settings,
         credential=credential,
+        **engine_options,
     )
 
 

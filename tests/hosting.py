@@ -20,14 +20,15 @@ from azure.functions.timer import TimerRequest
 def registered_functions() -> dict[str, Callable[..., Any]]:
     import function_app  # noqa: PLC0415 - imported as the host does, once
 
-    return {f.get_function_name(): f.get_user_function() for f in function_app.app.get_functions()}
+    return {str(f.get_function_name()): f.get_user_function() for f in function_app.app.get_functions()}
 
 
 def event_grid_inputs(payload: Any) -> list[func.EventGridEvent | func.CloudEvent]:
     """What the host hands the Event Grid trigger for one delivery (array or single CloudEvent)."""
     items = payload if isinstance(payload, list) else [payload]
     return [
-        EventGridEventInConverter.decode(Datum(json.dumps(item), "json"), trigger_metadata={}) for item in items
+        EventGridEventInConverter.decode(Datum(json.dumps(item), "json"), trigger_metadata={})
+        for item in items
     ]
 
 

@@ -74,14 +74,18 @@ def test_microsoft_sample_tags_are_accepted() -> None:
 @pytest.mark.parametrize(
     ("overrides", "error", "message"),
     [
-        ({"rotation-target": "evil.example.com:5432/appdb"}, TargetNotAllowed, "not in ROTATION_ALLOWED_TARGETS"),
+        (
+            {"rotation-target": "evil.example.com:5432/appdb"},
+            TargetNotAllowed,
+            "not in ROTATION_ALLOWED_TARGETS",
+        ),
         ({"rotation-target": "db.internal:6543/appdb"}, TargetNotAllowed, "not in ROTATION_ALLOWED_TARGETS"),
         ({"rotation-target": "db.internal:99999/appdb"}, ConfigError, "port"),
         ({"rotation-target": "db internal/appdb"}, ConfigError, "host"),
         ({"rotation-target": "db.internal:5432/app;drop"}, ConfigError, "database"),
         ({"rotation-slots": "app_blue"}, ConfigError, "two different slots"),
         ({"rotation-slots": "app_blue,app_blue"}, ConfigError, "two different slots"),
-        ({"rotation-slots": "app_blue,x\"; DROP ROLE postgres; --"}, ConfigError, "two different slots"),
+        ({"rotation-slots": 'app_blue,x"; DROP ROLE postgres; --'}, ConfigError, "two different slots"),
         ({"rotation-current-slot": "someone_else"}, ConfigError, "not one of"),
         ({"rotation-validity": "P1Y"}, ConfigError, "years and months"),
         ({"rotation-validity": "PT5M"}, ConfigError, "between 1 hour and 5 years"),

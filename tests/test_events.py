@@ -63,7 +63,9 @@ def _data(**overrides: object) -> dict[str, object]:
         (SECRET_NEAR_EXPIRY, _data(Version="0" * 32), "disagree"),
         (
             SECRET_NEAR_EXPIRY,
-            _data(Id="https://sample-kv.vault.azure.net/secrets/bad..name/" + VERSION, ObjectName="bad..name"),
+            _data(
+                Id="https://sample-kv.vault.azure.net/secrets/bad..name/" + VERSION, ObjectName="bad..name"
+            ),
             "invalid secret name",
         ),
         (
@@ -76,7 +78,9 @@ def _data(**overrides: object) -> dict[str, object]:
         (SECRET_NEAR_EXPIRY, _data(ObjectName={"nested": "x"}), "not a string"),
     ],
 )
-def test_malformed_events_are_rejected_with_a_clear_reason(event_type: str | None, data: object, message: str) -> None:
+def test_malformed_events_are_rejected_with_a_clear_reason(
+    event_type: str | None, data: object, message: str
+) -> None:
     with pytest.raises(InvalidEvent, match=message):
         parse_event(event_type, "id-1", data)
 

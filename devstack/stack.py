@@ -1,0 +1,152 @@
+"""The local stack: Key Vault emulator, Azurite (Table storage) and PostgreSQL, together.
+
+`LocalStack` starts the three stand-ins and gives the app settings that point
+the unmodified service at them. `provision_postgres_secret` sets up what an
+operator would have in Azure: a database with a group role holding the app's
+grants, a first login role, the admin credential in the vault, and a secret
+tagged for rotation.
+"""
+
+import json
+import secrets
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from azure.keyvault.secrets import KeyVaultSecret, SecretClient
+from psycopg import sql
+
+from devstack.azurite import Azurite
+from devstack.keyvault import KeyVaultEmulator
+from devstack.postgres import PostgresServer
+
+APP_DATABASE = "appdb"
+ADMIN_SECRET = "pg-admin"
+
+
+class LocalStack:
+    def __init__(self, base_dir: Path | None = None) -> None:
+        self._tmp = None if base_dir else tempfile.TemporaryDirectory(prefix="rotation-devstack-")
+        self.base_dir = Path(base_dir or self._tmp.name)  # type: ignore[union-attr]
+        self.vault = KeyVaultEmulator(self.base_dir / "keyvault")
+        self.azurite = Azurite(self.base_dir / "azurite")
+        self.postgres = PostgresServer(self.base_dir / "postgres")
+
+    def start(self, publish_interval: float | None = None) -> "LocalStack":
+        try:
+            self.postgres.start()
+            self.azurite.start()
+            self.vault.start(publish_interval=publish_interval)
+            self._prepare_database()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for server in (self.vault, self.azurite, self.postgres):
+            try:
+                server.stop()
+            except Exception:  # noqa: S112 - stop the others whatever one does
+                continue
+        if self._tmp:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> "LocalStack":
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def app_settings(self) -> dict[str, str]:
+        """The Function App settings that aim the service at this stack."""
+        return {
+            "ROTATION_ALLOWED_VAULTS": self.vault.vault_url,
+            "ROTATION_ALLOWED_TARGETS": f"127.0.0.1:{self.postgres.port}",
+            "ROTATION_POSTGRES_SSLMODE": "disable",
+            "KEYVAULT_CA_BUNDLE": str(self.vault.ca_path),
+            "KEYVAULT_VERIFY_CHALLENGE_RESOURCE": "false",
+            "LEDGER_CONNECTION_STRING": self.azurite.connection_string,
+            **self.vault.identity_env(),
+        }
+
+    def secret_client(self) -> SecretClient:
+        return SecretClient(
+            self.vault.vault_url,
+            self.vault.credential(),
+            verify_challenge_resource=False,
+            connection_verify=str(self.vault.ca_path),
+            api_version="7.6",
+        )
+
+    def _prepare_database(self) -> None:
+        with self.postgres.admin_connect() as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(APP_DATABASE)))
+        admin = {"username": self.postgres.admin_user, "password": self.postgres.admin_password}
+        self.secret_client().set_secret(ADMIN_SECRET, json.dumps(admin), content_type="application/json")
+
+
+@dataclass(frozen=True)
+class ManagedPostgresSecret:
+    name: str
+    group: str
+    slots: tuple[str, str]
+    first_version: KeyVaultSecret
+
+
+def provision_postgres_secret(
+    stack: LocalStack,
+    name: str,
+    *,
+    prefix: str,
+    expires_on: datetime,
+    validity: timedelta = timedelta(days=90),
+    overlap: str = "PT10S",
+    extra_tags: dict[str, str] | None = None,
+) -> ManagedPostgresSecret:
+    """A secret under rotation whose first credential is the `<prefix>_blue` login role."""
+    group, blue, green = prefix, f"{prefix}_blue", f"{prefix}_green"
+    password = secrets.token_urlsafe(32)
+    pg = stack.postgres
+    with pg.admin_connect() as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(group)))
+        conn.execute(
+            sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+                sql.Identifier(APP_DATABASE), sql.Identifier(group)
+            )
+        )
+        verifier = conn.pgconn.encrypt_password(password.encode(), blue.encode(), b"scram-sha-256")
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN INHERIT PASSWORD {} IN ROLE {}").format(
+                sql.Identifier(blue), sql.Literal(verifier.decode()), sql.Identifier(group)
+            )
+        )
+        conn.execute(sql.SQL("ALTER ROLE {} SET role = {}").format(sql.Identifier(blue), sql.Literal(group)))
+    value: dict[str, Any] = {
+        "engine": "postgres",
+        "host": pg.host,
+        "port": pg.port,
+        "dbname": APP_DATABASE,
+        "username": blue,
+        "password": password,
+    }
+    tags = {
+        "rotation-rotator": "postgres",
+        "rotation-target": f"{pg.host}:{pg.port}/{APP_DATABASE}",
+        "rotation-slots": f"{blue},{green}",
+        "rotation-current-slot": blue,
+        "rotation-validity": f"P{validity.days}D",
+        "rotation-overlap": overlap,
+        "rotation-pg-group": group,
+        "rotation-admin-secret": ADMIN_SECRET,
+        **(extra_tags or {}),
+    }
+    first = stack.secret_client().set_secret(
+        name, json.dumps(value), tags=tags, expires_on=expires_on, content_type="application/json"
+    )
+    return ManagedPostgresSecret(name=name, group=group, slots=(blue, green), first_version=first)

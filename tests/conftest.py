@@ -1,0 +1,106 @@
+"""Session fixtures: one local stack (Key Vault emulator, Azurite, PostgreSQL) for the whole run.
+
+The registered functions build their engine from app settings, exactly as on
+the Functions host; the `app_settings` fixture points those settings at the
+local stack. Every log record of the session is kept, so the last test can
+check that no secret value the suite generated ever reached a log.
+"""
+
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+from azure.keyvault.secrets import SecretClient
+
+from devstack.stack import LocalStack
+from shared import service
+
+
+class SessionLogRecorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except Exception:  # a record that cannot be formatted can leak nothing
+            self.lines.append(f"unformattable record from {record.name}")
+
+
+SESSION_LOGS = SessionLogRecorder()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    root = logging.getLogger()
+    root.addHandler(SESSION_LOGS)
+    root.setLevel(logging.DEBUG)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The log scan must run after every other test."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    with LocalStack(tmp_path_factory.mktemp("devstack")) as local:
+        yield local
+
+
+@pytest.fixture(scope="session")
+def app_settings(stack: LocalStack) -> Iterator[dict[str, str]]:
+    """Point the Function App's settings (environment) at the local stack."""
+    settings = stack.app_settings()
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    service.use_engine(None)
+    yield settings
+    service.use_engine(None)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def vault(stack: LocalStack) -> SecretClient:
+    return stack.secret_client()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique name part, valid in secret names and PostgreSQL role names."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def soon(days: int = 20) -> datetime:
+    return datetime.now(UTC) + timedelta(days=days)
+
+
+def login(stack: LocalStack, credential: dict[str, object]) -> str:
+    """Log in with a credential as stored in the secret; return the session user."""
+    with psycopg.connect(
+        host=str(credential["host"]),
+        port=int(str(credential["port"])),
+        dbname=str(credential["dbname"]),
+        user=str(credential["username"]),
+        password=str(credential["password"]),
+        connect_timeout=5,
+    ) as conn:
+        row = conn.execute("SELECT session_user").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def can_login(stack: LocalStack, credential: dict[str, object]) -> bool:
+    try:
+        return login(stack, credential) == credential["username"]
+    except psycopg.OperationalError:
+        return False
