@@ -603,6 +603,7 @@ class KeyVaultEmulator:
         self._faults: list[Fault] = []
         self._subscriptions: list[Subscription] = []
         self._emitted: set[tuple[str, str, str]] = set()
+        self._values_stored: set[str] = set()
 
         self._certs: CertPaths | None = None
         self._vault_server: _TlsHTTPServer | None = None
@@ -817,6 +818,11 @@ class KeyVaultEmulator:
                 event_time=self.clock.now(),
                 schema=schema,
             )
+
+    def values_stored(self) -> set[str]:
+        """Every secret value ever set in this vault, purged ones included (for leak scans)."""
+        with self._lock:
+            return set(self._values_stored)
 
     def publish_due_events(self) -> list[dict[str, Any]]:
         """Emit NearExpiry/Expired events that are due and deliver them to every subscriber.
@@ -1249,6 +1255,7 @@ class KeyVaultEmulator:
         )
         secret = self._secrets.setdefault(name.lower(), _Secret(name))
         secret.versions.append(version)
+        self._values_stored.add(value)
         return 200, self._bundle(secret, version, with_value=True)
 
     def _get_secret(self, name: str, version_id: str) -> tuple[int, Any]:

@@ -1,0 +1,43 @@
+"""Runs after every other test: no secret value the suite generated reached a log."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from devstack.stack import LocalStack
+from tests.conftest import SESSION_LOGS
+
+
+def secrets_in(value: str) -> set[str]:
+    """The value itself and, for JSON credentials, each password-like field inside it."""
+    found = {value}
+    try:
+        decoded = json.loads(value)
+    except ValueError:
+        return found
+    if isinstance(decoded, dict):
+        found |= {str(v) for k, v in decoded.items() if k in ("password", "key", "apiKey", "secret")}
+    return found
+
+
+@pytest.mark.last
+def test_no_secret_value_appears_in_any_log(stack: LocalStack) -> None:
+    generated: set[str] = {stack.postgres.admin_password}
+    for value in stack.vault.values_stored():
+        generated |= secrets_in(value)
+    generated = {value for value in generated if len(value) >= 8}
+
+    sources = {"captured log records": "\n".join(SESSION_LOGS.lines)}
+    postgres_log = Path(stack.postgres.log_path)
+    if postgres_log.exists():
+        sources["postgresql server log"] = postgres_log.read_text(errors="replace")
+    assert SESSION_LOGS.lines, "the log capture should have recorded the run"
+
+    leaks = [
+        f"{where}: a value of {len(value)} characters"
+        for where, text in sources.items()
+        for value in generated
+        if value in text
+    ]
+    assert leaks == []
