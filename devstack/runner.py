@@ -1,0 +1,301 @@
+"""A small local stand-in for the Azure Functions host (Core Tools cannot be installed here).
+
+It hosts an `azure.functions.FunctionApp` the way the host does, with the host's URL shapes:
+
+* ``POST /runtime/webhooks/eventgrid?functionName=NAME``: the Event Grid webhook (subscription
+  validation handshake, Event Grid and CloudEvents deliveries, one invocation per event);
+* ``GET /admin/host/status`` and ``POST /admin/functions/NAME`` (run a timer function now);
+* timer triggers on their NCRONTAB schedule (or every ``timer_interval`` seconds).
+
+Production runs on the real Functions host; this is for the demo, the tests and local runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+import time
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+import azure.functions as func
+from azure.functions.decorators.core import Trigger
+from azure.functions.decorators.function_app import Function
+from azure.functions.eventgrid import EventGridEventInConverter
+from azure.functions.meta import Datum
+from azure.functions.timer import TimerRequest
+from croniter import croniter
+
+log = logging.getLogger("devstack.runner")
+
+EVENTGRID, TIMER, HTTP = "eventGridTrigger", "timerTrigger", "httpTrigger"
+MAX_BODY = 1024 * 1024  # bytes; larger deliveries get 413, which Event Grid does not retry
+PAST_DUE_SLACK = 1.0  # seconds late before a timer invocation counts as past due
+_index_lock = threading.Lock()
+_indexed: dict[int, tuple[func.FunctionApp, list[Function]]] = {}
+
+
+def index(app: func.FunctionApp) -> list[Function]:
+    """`app.get_functions()`, once per app object (a second call raises a duplicate-name error)."""
+    with _index_lock:
+        if id(app) not in _indexed:
+            # The duplicate-name check remembers earlier indexings (tests/hosting.py indexes the same
+            # app): check this indexing on its own and leave the app's memo as we found it.
+            previous, app.functions_bindings = app.functions_bindings, None
+            try:
+                _indexed[id(app)] = (app, app.get_functions())
+            finally:
+                app.functions_bindings = previous
+        return _indexed[id(app)][1]
+
+
+def _error_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())[:300]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class LocalFunctionHost:
+    def __init__(
+        self,
+        app: func.FunctionApp | None = None,
+        *,
+        port: int = 0,
+        timer_interval: float | None = None,
+    ) -> None:
+        if app is None:
+            from function_app import app as default_app  # noqa: PLC0415 - imported as the host does
+
+            app = default_app
+        self.functions: dict[str, Function] = {str(f.get_function_name()): f for f in index(app)}
+        self.triggers: dict[str, Trigger] = {name: f.get_trigger() for name, f in self.functions.items()}
+        self.port, self.timer_interval = port, timer_interval
+        self._server: ThreadingHTTPServer | None = None
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._running = {name: threading.Lock() for name in self.names(TIMER)}
+
+    def names(self, trigger_type: str) -> list[str]:
+        return [name for name, trigger in self.triggers.items() if trigger.type == trigger_type]
+
+    # ----- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> LocalFunctionHost:
+        if self._server is not None:
+            raise RuntimeError("the host is already running")
+        self._stopping.clear()
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), _Handler)
+        self._server.daemon_threads = True
+        self._server.host = self  # type: ignore[attr-defined]
+        self._spawn("runner-http", self._server.serve_forever, 0.05)
+        for name in self.names(TIMER):
+            self._spawn(f"runner-timer-{name}", self._timer_loop, name)
+        log.info("function host at %s: %s", self.url, ", ".join(self.functions))
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._threads.clear()
+        self._server = None
+
+    def __enter__(self) -> LocalFunctionHost:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _spawn(self, name: str, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("the host is not running")
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def eventgrid_webhook_url(self, function_name: str) -> str:
+        return f"{self.url}/runtime/webhooks/eventgrid?functionName={quote(function_name)}"
+
+    # ----- invocations -------------------------------------------------------------------------
+
+    def invoke(self, name: str, value: Any) -> None:
+        """Call the user function with `value` under the trigger's argument name."""
+        self.functions[name].get_user_function()(**{self.triggers[name].name: value})
+
+    def run_timer(self, name: str, past_due: bool = False) -> bool:
+        """Run a timer function now unless it is still running; False if this tick was skipped."""
+        if not self._running[name].acquire(blocking=False):
+            log.warning("timer %s is still running: tick skipped", name)
+            return False
+        try:
+            self.invoke(name, TimerRequest(past_due=past_due))
+        except Exception as error:
+            log.error("timer function %s failed: %s", name, _error_line(error))
+        finally:
+            self._running[name].release()
+        return True
+
+    def _next_run(self, name: str, after: float) -> float:
+        if self.timer_interval is not None:
+            return after + self.timer_interval
+        schedule = str(getattr(self.triggers[name], "schedule", ""))
+        cron = croniter(schedule, datetime.fromtimestamp(after, UTC), second_at_beginning=True)
+        return float(cron.get_next(float))
+
+    def _timer_loop(self, name: str) -> None:
+        due = self._next_run(name, time.time())
+        while not self._stopping.wait(max(0.0, due - time.time())):
+            self.run_timer(name, past_due=time.time() - due > PAST_DUE_SLACK)
+            due = self._next_run(name, time.time())  # ticks that fell during the run are skipped
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    server_version = "LocalFunctionHost"
+
+    @property
+    def host(self) -> LocalFunctionHost:
+        return self.server.host  # type: ignore[attr-defined, no-any-return]
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _send(self, status: int, body: Any = None, headers: dict[str, str] | None = None) -> None:
+        data = b"" if body is None else json.dumps(body).encode()
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if body is not None:
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, code: str, message: str) -> None:
+        self._send(status, {"error": {"code": code, "message": message}})
+
+    def _read_json(self) -> Any:
+        """The JSON body, or None after answering 4xx (the connection is closed then)."""
+        self.close_connection = True  # until the body has been read in full
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self._error(411, "LengthRequired", "a Content-Length header is required")
+            return None
+        if length < 0 or length > MAX_BODY:
+            self._error(413, "PayloadTooLarge", f"the body is over {MAX_BODY} bytes")
+            return None
+        raw = self.rfile.read(length)
+        self.close_connection = False
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            self._error(400, "InvalidJson", "the body is not JSON")
+            return None
+        if not isinstance(body, dict | list) or (
+            isinstance(body, list) and not all(isinstance(item, dict) for item in body)
+        ):
+            self._error(400, "InvalidPayload", "expected an event object or an array of event objects")
+            return None
+        return body
+
+    def do_GET(self) -> None:
+        if urlsplit(self.path).path == "/admin/host/status":
+            self._send(200, {"state": "Running", "functions": list(self.host.functions)})
+        else:
+            self._error(404, "NotFound", "no such endpoint")
+
+    def do_OPTIONS(self) -> None:
+        origin = self.headers.get("WebHook-Request-Origin")
+        if urlsplit(self.path).path == "/runtime/webhooks/eventgrid" and origin:
+            self._send(200, headers={"WebHook-Allowed-Origin": origin, "WebHook-Allowed-Rate": "*"})
+        else:
+            self._error(404, "NotFound", "no such endpoint")
+
+    def do_POST(self) -> None:
+        parts = urlsplit(self.path)
+        if parts.path == "/runtime/webhooks/eventgrid":
+            names = parse_qs(parts.query).get("functionName", [""])
+            self._eventgrid(names[0])
+        elif parts.path.startswith("/admin/functions/"):
+            self._admin_invoke(parts.path.removeprefix("/admin/functions/"))
+        else:
+            self._error(404, "NotFound", "no such endpoint")
+
+    def _admin_invoke(self, name: str) -> None:
+        if name not in self.host.names(TIMER):
+            self._error(404, "FunctionNotFound", f"no timer function named {name[:64]!r}")
+        elif self._read_json() is not None:
+            self.host._spawn(f"runner-admin-{name}", self.host.run_timer, name)
+            self._send(202)
+
+    def _eventgrid(self, name: str) -> None:
+        if name not in self.host.names(EVENTGRID):
+            self._error(404, "FunctionNotFound", f"no Event Grid function named {name[:64]!r}")
+            return
+        payload = self._read_json()
+        if payload is None:
+            return
+        items = payload if isinstance(payload, list) else [payload]
+        if self.headers.get("aeg-event-type", "Notification") == "SubscriptionValidation":
+            code = (items[0].get("data") or {}).get("validationCode") if items else None
+            if not isinstance(code, str):
+                self._error(400, "InvalidValidation", "no data.validationCode in the validation event")
+            else:
+                self._send(200, {"validationResponse": code})
+            return
+        try:
+            events = [
+                EventGridEventInConverter.decode(Datum(json.dumps(item), "json"), trigger_metadata={})
+                for item in items
+            ]
+        except Exception as error:
+            self._error(400, "InvalidEvent", f"the event cannot be decoded: {type(error).__name__}")
+            return
+        for event in events:
+            try:
+                self.host.invoke(name, event)
+            except Exception as error:
+                log.error("function %s failed: %s", name, _error_line(error))
+                self._error(500, "FunctionFailed", f"function {name} failed")  # Event Grid redelivers
+                return
+        self._send(200)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Host function_app locally (settings from the environment).")
+    parser.add_argument("--port", type=int, default=7071)
+    parser.add_argument("--timer-interval", type=float, default=None, help="seconds; overrides schedules")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    host = LocalFunctionHost(port=args.port, timer_interval=args.timer_interval).start()
+    for name in host.names(EVENTGRID):
+        print(f"{name}: {host.eventgrid_webhook_url(name)}", flush=True)
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+    try:
+        stopping.wait()
+    finally:
+        host.stop()
+
+
+if __name__ == "__main__":
+    main()
