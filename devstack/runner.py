@@ -73,7 +73,12 @@ class LocalFunctionHost:
 
             app = default_app
         self.functions: dict[str, Function] = {str(f.get_function_name()): f for f in index(app)}
-        self.triggers: dict[str, Trigger] = {name: f.get_trigger() for name, f in self.functions.items()}
+        self.triggers: dict[str, Trigger] = {}
+        for name, function in self.functions.items():
+            trigger = function.get_trigger()
+            if trigger is None:
+                raise ValueError(f"function {name} has no trigger")
+            self.triggers[name] = trigger
         self.port, self.timer_interval = port, timer_interval
         self._server: ThreadingHTTPServer | None = None
         self._threads: list[threading.Thread] = []
