@@ -95,4 +95,4 @@ def test_throttled_patch_during_retire_is_retried(
     assert patches == 3
     assert not can_login(stack, old)
     versions = {p.version: p.enabled for p in vault.list_properties_of_secret_versions(unique)}
-    assert sorted(versions.values()) == [False, True]
+    assert sorted(bool(enabled) for enabled in versions.values()) == [False, True]
