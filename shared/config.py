@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from shared.durations import parse_duration
 from shared.errors import ConfigError, NotManaged, TargetNotAllowed
 from shared.settings import Settings
+from shared.windows import Window, parse_windows
 
 TAG_ROTATOR = "rotation-rotator"
 TAG_TARGET = "rotation-target"
@@ -23,6 +24,7 @@ TAG_VALIDITY = "rotation-validity"
 TAG_OVERLAP = "rotation-overlap"
 TAG_PROBES = "rotation-probes"
 TAG_ADMIN_SECRET = "rotation-admin-secret"
+TAG_WINDOW = "rotation-window"
 # Written by the engine on each version it creates: which rotation wrote it.
 TAG_ROTATION_ID = "rotation-id"
 
@@ -75,6 +77,7 @@ class RotationConfig:
     overlap: timedelta
     probes: tuple[str, ...] = ()
     admin_secret: str | None = None
+    windows: tuple[Window, ...] = ()
     tags: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -211,6 +214,9 @@ def parse_config(tags: Mapping[str, str] | None, settings: Settings) -> Rotation
     if admin_secret is not None and not SECRET_NAME.match(admin_secret):
         raise ConfigError(f"tag {TAG_ADMIN_SECRET} is not a valid secret name")
 
+    window_text = _tag(tags, TAG_WINDOW)
+    windows = parse_windows(window_text) if window_text else ()
+
     return RotationConfig(
         rotator=rotator,
         target=target,
@@ -220,5 +226,6 @@ def parse_config(tags: Mapping[str, str] | None, settings: Settings) -> Rotation
         overlap=overlap,
         probes=probes,
         admin_secret=admin_secret,
+        windows=windows,
         tags=tags,
     )

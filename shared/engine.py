@@ -34,6 +34,7 @@ from azure.keyvault.secrets import KeyVaultSecret, SecretClient
 from rotators import RotationContext, Rotator, RotatorRegistry
 from shared.config import (
     TAG_ROTATION_ID,
+    TAG_WINDOW,
     RotationConfig,
     is_managed,
     parse_config,
@@ -54,6 +55,7 @@ from shared.ledger import (
 )
 from shared.retry import call_with_retry
 from shared.settings import Settings, normalize_vault_url
+from shared.windows import in_window
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,9 @@ DROPPED = "dropped"
 NOT_FOUND = "not_found"
 NOT_MANAGED = "not_managed"
 INVALID = "invalid"
+MISCONFIGURED = "misconfigured"
+OUTSIDE_WINDOW = "outside_window"
+DRY_RUN_PASSED = "dry_run_passed"
 
 STEPS = ("claim", "create", "verify", "write", "validate", "finish", "retire")
 _BEFORE_WRITE = ("claim", "create", "verify")
@@ -158,9 +163,16 @@ class RotationEngine:
         requested_by: str = "",
         reason: str = "",
         emergency: bool = False,
+        dry_run: bool = False,
+        override_window: bool = False,
         expected_version: str | None = None,
     ) -> Outcome:
-        """Rotate one secret now, or resume its stalled rotation."""
+        """Rotate one secret now, or resume its stalled rotation.
+
+        `dry_run` creates and verifies a credential on the inactive slot, then revokes
+        it, writing nothing to Key Vault. Automatic triggers respect the secret's
+        rotation window; an operator may override it, and an emergency always does.
+        """
         vault_url = normalize_vault_url(vault_url)
         try:
             validate_secret_name(name)
@@ -188,13 +200,17 @@ class RotationEngine:
         except NotManaged as error:
             return self._log(Outcome(NOT_MANAGED, name, str(error)))
         except ConfigError as error:
-            return self._log(Outcome(INVALID, name, str(error)))
+            return self._log(Outcome(MISCONFIGURED, name, str(error)))
         if expected_version and current.properties.version != expected_version:
             return self._log(
                 Outcome(DROPPED, name, f"stale event: version {expected_version} is not current")
             )
 
-        if state and state.state == OVERLAP:
+        if not (override_window or emergency or in_window(config.windows, now)):
+            window = config.tags.get(TAG_WINDOW, "")
+            return self._log(Outcome(OUTSIDE_WINDOW, name, f"outside the rotation window ({window} UTC)"))
+
+        if state and state.state == OVERLAP and not dry_run:
             due = state.retire_after is not None and state.retire_after <= now
             if not (due or emergency):
                 when = state.retire_after.isoformat() if state.retire_after else "?"
@@ -210,6 +226,7 @@ class RotationEngine:
         state.state, state.step, state.rotation_id = ROTATING, "claim", rotation_id
         state.trigger, state.requested_by, state.reason = trigger, requested_by[:200], reason[:500]
         state.emergency, state.started_on, state.lease_until = emergency, now, now + self.settings.lease
+        state.dry_run = dry_run
         state.from_version, state.from_slot = current.properties.version or "", config.current_slot
         state.to_slot, state.new_version, state.pending_credential = config.inactive_slot, "", ""
         state.attempts, state.last_error, state.step_timings = 1, "", "{}"
@@ -338,6 +355,8 @@ class RotationEngine:
                     new = rotator.create(context, state.to_slot)
                 with self._step(state, "verify"):
                     rotator.verify(context, new.value)
+                if state.dry_run:
+                    return self._finish_dry_run(state, rotator, context)
                 with self._step(state, "write"):
                     written = call_with_retry(
                         lambda: client.set_secret(
@@ -388,6 +407,18 @@ class RotationEngine:
             f"previous slot retires at {state.retire_after.isoformat()}"
         )
         return self._log(Outcome(ROTATED, state.name, message, state.rotation_id, state.new_version))
+
+    def _finish_dry_run(self, state: SecretState, rotator: Rotator, context: RotationContext) -> Outcome:
+        """The new credential worked: revoke it, since nothing will ever use it."""
+        with self._step(state, "revoke"):
+            rotator.retire(context, state.to_slot)
+        now = self._clock()
+        state.state, state.step, state.lease_until, state.pending_credential = IDLE, "", None, ""
+        state.dry_run = False
+        self.ledger.save(state)
+        self._write_history(state, outcome=DRY_RUN_PASSED, ended_on=now)
+        message = f"created, verified and revoked a credential on slot {state.to_slot}; Key Vault unchanged"
+        return self._log(Outcome(DRY_RUN_PASSED, state.name, message, state.rotation_id))
 
     def _rollback(
         self, state: SecretState, client: SecretClient, config: RotationConfig, reason: str
@@ -579,6 +610,7 @@ class RotationEngine:
             requested_by=state.requested_by,
             reason=state.reason,
             emergency=state.emergency,
+            dry_run=state.dry_run,
             started_on=state.started_on,
             from_version=state.from_version,
             from_slot=state.from_slot,

@@ -57,6 +57,7 @@ class SecretState:
     requested_by: str = ""
     reason: str = ""
     emergency: bool = False
+    dry_run: bool = False
     lease_until: datetime | None = None
     started_on: datetime | None = None
     from_version: str = ""
@@ -99,6 +100,7 @@ class HistoryRecord:
     requested_by: str = ""
     reason: str = ""
     emergency: bool = False
+    dry_run: bool = False
     started_on: datetime | None = None
     ended_on: datetime | None = None
     retired_on: datetime | None = None
