@@ -4,15 +4,16 @@ Triggers are thin: read the input, call the rotation engine, map the outcome.
 All rotation logic lives in shared/engine.py.
 """
 
+import json
 import logging
 
 import azure.functions as func
 
-from shared import service
+from shared import api, service
 from shared.errors import InvalidEvent
 from shared.events import parse_function_event
 
-app = func.FunctionApp()
+app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 logger = logging.getLogger("function_app")
 
 SWEEP_SCHEDULE = "0 */5 * * * *"
@@ -43,3 +44,42 @@ def rotation_sweeper(timer: func.TimerRequest) -> None:
     """Retire due overlaps, resume stalled rotations, catch secrets whose event never came."""
     outcomes = service.engine().sweep()
     logger.info("sweep done: %d action(s)%s", len(outcomes), " (past due)" if timer.past_due else "")
+
+
+def _respond(result: api.ApiResult) -> func.HttpResponse:
+    return func.HttpResponse(
+        json.dumps(result.body, default=str),
+        status_code=result.status,
+        mimetype="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+@app.function_name("rotate_secret")
+@app.route(route="secrets/{name}/rotate", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def rotate_secret(req: func.HttpRequest) -> func.HttpResponse:
+    """Rotate now: routine, emergency (overlap 0) or dry run."""
+    name = req.route_params.get("name", "")
+    return _respond(api.rotate(service.engine(), name, req.params, req.get_body(), req.headers))
+
+
+@app.function_name("adopt_secret")
+@app.route(route="secrets/{name}/adopt", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def adopt_secret(req: func.HttpRequest) -> func.HttpResponse:
+    """Put an existing secret under rotation without rotating it."""
+    name = req.route_params.get("name", "")
+    return _respond(api.adopt(service.engine(), name, req.params, req.get_body(), req.headers))
+
+
+@app.function_name("secret_rotation_status")
+@app.route(route="secrets/{name}/rotation", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def secret_rotation_status(req: func.HttpRequest) -> func.HttpResponse:
+    """State, versions, slot, expiry and recent history of one secret."""
+    return _respond(api.status(service.engine(), req.route_params.get("name", ""), req.params))
+
+
+@app.function_name("list_rotations")
+@app.route(route="rotations", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def list_rotations(req: func.HttpRequest) -> func.HttpResponse:
+    """Every managed secret with state, expiry and last outcome; filters and paging."""
+    return _respond(api.list_rotations(service.engine(), req.params))

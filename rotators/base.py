@@ -48,6 +48,10 @@ class Rotator(Protocol):
     def validate(self, context: RotationContext) -> None:
         """Raise ConfigError when the secret's tags don't suit this rotator."""
 
+    def prepare_slots(self, context: RotationContext) -> list[str]:
+        """Onboarding: check both slots exist upstream, creating the missing inactive one if the
+        kind allows. Returns what it did, one line each, for the operator."""
+
     def create(self, context: RotationContext, slot: str) -> NewCredential:
         """Give `slot` a new credential upstream and return it."""
 

@@ -65,6 +65,24 @@ class PostgresRotator:
         if not config.admin_secret and not config.tags.get(TAG_ADMIN_USER, "").strip():
             raise ConfigError("set rotation-admin-secret or rotation-admin-user to reach PostgreSQL")
 
+    def prepare_slots(self, context: RotationContext) -> list[str]:
+        self.validate(context)
+        config = context.config
+        done: list[str] = []
+        with self._admin(context) as conn:
+            if self._role(conn, config.current_slot) is None:
+                raise ConfigError(f"the current slot's role {config.current_slot} does not exist")
+            for slot in config.slots:
+                existed = self._role(conn, slot) is not None
+                self._ensure_slot_role(conn, context, slot)
+                if existed:
+                    done.append(f"role {slot} exists, is unprivileged and a member of the group")
+                else:
+                    # A fresh role gets an unknown password: nothing can log in as it until a rotation.
+                    self._set_password(conn, slot, secrets.token_urlsafe(48))
+                    done.append(f"created login role {slot} in the group")
+        return done
+
     def create(self, context: RotationContext, slot: str) -> NewCredential:
         self.validate(context)
         password = secrets.token_urlsafe(32)

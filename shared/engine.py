@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from azure.core.credentials import TokenCredential
 from azure.core.exceptions import ResourceNotFoundError
@@ -51,6 +52,7 @@ from shared.ledger import (
     HistoryRecord,
     Ledger,
     SecretState,
+    as_dict,
     history_key,
 )
 from shared.retry import call_with_retry
@@ -73,6 +75,9 @@ INVALID = "invalid"
 MISCONFIGURED = "misconfigured"
 OUTSIDE_WINDOW = "outside_window"
 DRY_RUN_PASSED = "dry_run_passed"
+ADOPTED = "adopted"
+ALREADY_MANAGED = "already_managed"
+MAX_TAGS = 15
 
 STEPS = ("claim", "create", "verify", "write", "validate", "finish", "retire")
 _BEFORE_WRITE = ("claim", "create", "verify")
@@ -80,6 +85,10 @@ _BEFORE_WRITE = ("claim", "create", "verify")
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
 
 
 @dataclass(frozen=True)
@@ -238,6 +247,118 @@ class RotationEngine:
         self._write_history(state)
         self._checkpoint("after:claim")
         return self._run(state, client, config)
+
+    def adopt(
+        self, vault_url: str, name: str, rotation_tags: dict[str, str], requested_by: str = ""
+    ) -> Outcome:
+        """Put an existing secret under rotation without rotating it now.
+
+        Writes the rotation tags on the current version, checks that its value
+        authenticates upstream, and has the rotator check both slots exist
+        (creating the missing inactive one where the kind allows it).
+        """
+        vault_url = normalize_vault_url(vault_url)
+        validate_secret_name(name)
+        if not self.settings.vault_allowed(vault_url):
+            return self._log(Outcome(DROPPED, name, f"vault {vault_url} is not in ROTATION_ALLOWED_VAULTS"))
+        client = self._secret_client(vault_url)
+        try:
+            current = self._get_secret(client, name)
+        except ResourceNotFoundError:
+            return self._log(Outcome(NOT_FOUND, name, "no such secret in the vault"))
+        existing = dict(current.properties.tags or {})
+        if is_managed(existing):
+            return self._log(Outcome(ALREADY_MANAGED, name, "the secret is already under rotation"))
+        if any(not key.startswith("rotation-") for key in rotation_tags) or TAG_ROTATION_ID in rotation_tags:
+            return self._log(Outcome(MISCONFIGURED, name, "adopt takes only rotation-* configuration tags"))
+        tags = {**existing, **rotation_tags}
+        if len(tags) > MAX_TAGS:
+            return self._log(
+                Outcome(MISCONFIGURED, name, f"Key Vault allows at most {MAX_TAGS} tags per secret")
+            )
+        try:
+            config = parse_config(tags, self.settings)
+            context = RotationContext(config, client, self._credential, self.settings)
+            rotator = self._rotators.get(config.rotator)
+            rotator.validate(context)
+            rotator.verify(context, current.value or "")
+            done = rotator.prepare_slots(context)
+        except (ConfigError, UnsafeOperation) as error:
+            return self._log(Outcome(MISCONFIGURED, name, str(error)))
+        except RotationError as error:
+            return self._log(Outcome(ROTATION_FAILED, name, describe_error(error)))
+        version = current.properties.version or ""
+        call_with_retry(
+            lambda: client.update_secret_properties(name, version, tags=tags),
+            what="write rotation tags",
+        )
+        state = self.ledger.get(vault_url, name) or SecretState(vault_url=vault_url, name=name)
+        state.current_version, state.current_slot = version, config.current_slot
+        state.expires_on = current.properties.expires_on
+        state.requested_by = requested_by[:200]
+        with suppress(ConcurrentUpdate):
+            self.ledger.save(state)
+        return self._log(Outcome(ADOPTED, name, "; ".join(["current credential verified", *done])))
+
+    def status(self, vault_url: str, name: str, history_limit: int = 10) -> dict[str, Any]:
+        """Where one secret stands: never its value. Raises ResourceNotFoundError for an unknown secret."""
+        vault_url = normalize_vault_url(vault_url)
+        validate_secret_name(name)
+        properties = self._get_secret(self._secret_client(vault_url), name).properties
+        tags = properties.tags or {}
+        state = self.ledger.get(vault_url, name)
+        config_error = ""
+        if is_managed(tags):
+            try:
+                parse_config(tags, self.settings)
+            except ConfigError as error:
+                config_error = str(error)
+        return {
+            "name": name,
+            "vault": vault_url,
+            "managed": is_managed(tags),
+            "configuration_error": config_error,
+            "rotator": tags.get("rotation-rotator", ""),
+            "state": state.state if state else IDLE,
+            "step": state.step if state else "",
+            "rotation_id": state.rotation_id if state else "",
+            "current_version": properties.version,
+            "current_slot": tags.get("rotation-current-slot", ""),
+            "previous_version": (state.retire_version or state.from_version) if state else "",
+            "expires_on": _iso(properties.expires_on),
+            "retire_after": _iso(state.retire_after) if state else None,
+            "last_rotated_on": _iso(state.last_rotated_on) if state else None,
+            "last_outcome": state.last_outcome if state else "",
+            "last_error": state.last_error if state else "",
+            "attempts": state.attempts if state else 0,
+            "history": [as_dict(record) for record in self.ledger.history(vault_url, name, history_limit)],
+        }
+
+    def managed_secrets(self) -> list[dict[str, Any]]:
+        """Every managed secret in the allowed vaults, with state, expiry and last outcome."""
+        states = {(state.vault_url, state.name): state for state in self.ledger.states()}
+        rows: list[dict[str, Any]] = []
+        for vault_url in sorted(self.settings.allowed_vaults):
+            for props in self._secret_client(vault_url).list_properties_of_secrets():
+                if not is_managed(props.tags):
+                    continue
+                state = states.get((vault_url, props.name or ""))
+                rows.append(
+                    {
+                        "name": props.name,
+                        "vault": vault_url,
+                        "rotator": (props.tags or {}).get("rotation-rotator", ""),
+                        "enabled": props.enabled,
+                        "state": state.state if state else IDLE,
+                        "expires_on": _iso(props.expires_on),
+                        "retire_after": _iso(state.retire_after) if state else None,
+                        "last_outcome": state.last_outcome if state else "",
+                        "last_rotated_on": _iso(state.last_rotated_on) if state else None,
+                    }
+                )
+        far_future = "9999"
+        rows.sort(key=lambda row: (row["expires_on"] or far_future, row["vault"], row["name"]))
+        return rows
 
     def retire_due(self, vault_url: str, name: str) -> Outcome:
         state = self.ledger.get(normalize_vault_url(vault_url), name)

@@ -18,6 +18,8 @@ from azure.keyvault.secrets import SecretClient
 
 from devstack.stack import LocalStack
 from shared import service
+from shared.engine import RotationEngine
+from shared.settings import Settings
 
 
 class SessionLogRecorder(logging.Handler):
@@ -67,6 +69,19 @@ def app_settings(stack: LocalStack) -> Iterator[dict[str, str]]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture
+def engine_with(app_settings: dict[str, str]) -> Iterator[object]:
+    """Install an engine built from the same settings, with a test clock, probe or checkpoint."""
+
+    def install(env: dict[str, str] | None = None, **options: object) -> RotationEngine:
+        engine = service.build_engine(Settings.from_env({**os.environ, **(env or {})}), **options)
+        service.use_engine(engine)
+        return engine
+
+    yield install
+    service.use_engine(None)
 
 
 @pytest.fixture

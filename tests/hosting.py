@@ -32,6 +32,34 @@ def event_grid_inputs(payload: Any) -> list[func.EventGridEvent | func.CloudEven
     ]
 
 
+# Every HTTP response body the suite received, for the leak scan at the end of the run.
+RESPONSE_BODIES: list[str] = []
+
+
+def call_http(
+    function_name: str,
+    method: str,
+    path: str,
+    *,
+    route_params: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+) -> func.HttpResponse:
+    """Invoke a registered HTTP function with the HttpRequest the host would build."""
+    request = func.HttpRequest(
+        method=method,
+        url=f"http://localhost:7071/api/{path}",
+        headers=headers or {},
+        params=params or {},
+        route_params=route_params or {},
+        body=body,
+    )
+    response: func.HttpResponse = registered_functions()[function_name](request)
+    RESPONSE_BODIES.append(response.get_body().decode(errors="replace"))
+    return response
+
+
 def deliver_event(payload: Any) -> None:
     function = registered_functions()["keyvault_events"]
     for event in event_grid_inputs(payload):

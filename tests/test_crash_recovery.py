@@ -9,7 +9,6 @@ the newest enabled Key Vault version logs in to PostgreSQL.
 
 import json
 import os
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from threading import Thread
@@ -19,10 +18,8 @@ from azure.keyvault.secrets import SecretClient
 
 from devstack.ports import free_port
 from devstack.stack import LocalStack, provision_postgres_secret
-from shared import service
 from shared.engine import RotationEngine
 from shared.ledger import IDLE, OVERLAP
-from shared.settings import Settings
 from tests.conftest import can_login, soon
 from tests.hosting import deliver_event, tick_sweeper
 
@@ -84,19 +81,6 @@ class CrashOnce:
 @pytest.fixture
 def clock() -> TestClock:
     return TestClock()
-
-
-@pytest.fixture
-def engine_with(app_settings: dict[str, str]) -> Iterator[object]:
-    """Install an engine built from the same settings, with a test clock, probe or checkpoint."""
-
-    def install(env: dict[str, str] | None = None, **options: object) -> RotationEngine:
-        engine = service.build_engine(Settings.from_env({**os.environ, **(env or {})}), **options)
-        service.use_engine(engine)
-        return engine
-
-    yield install
-    service.use_engine(None)
 
 
 @pytest.mark.parametrize("point", ROTATION_POINTS + RETIRE_POINTS)

@@ -1,4 +1,4 @@
-"""Runs after every other test: no secret value the suite generated reached a log."""
+"""Runs after every other test: no secret value the suite generated reached a log or a response."""
 
 import json
 from pathlib import Path
@@ -7,6 +7,7 @@ import pytest
 
 from devstack.stack import LocalStack
 from tests.conftest import SESSION_LOGS
+from tests.hosting import RESPONSE_BODIES
 
 
 def secrets_in(value: str) -> set[str]:
@@ -22,13 +23,16 @@ def secrets_in(value: str) -> set[str]:
 
 
 @pytest.mark.last
-def test_no_secret_value_appears_in_any_log(stack: LocalStack) -> None:
+def test_no_secret_value_appears_in_any_log_or_response(stack: LocalStack) -> None:
     generated: set[str] = {stack.postgres.admin_password}
     for value in stack.vault.values_stored():
         generated |= secrets_in(value)
     generated = {value for value in generated if len(value) >= 8}
 
-    sources = {"captured log records": "\n".join(SESSION_LOGS.lines)}
+    sources = {
+        "captured log records": "\n".join(SESSION_LOGS.lines),
+        "HTTP responses": "\n".join(RESPONSE_BODIES),
+    }
     postgres_log = Path(stack.postgres.log_path)
     if postgres_log.exists():
         sources["postgresql server log"] = postgres_log.read_text(errors="replace")

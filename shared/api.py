@@ -1,0 +1,285 @@
+"""The operator HTTP API, independent of the Functions types so it reads (and tests) plainly.
+
+Each handler takes the request's parts and returns an `ApiResult` (status and
+JSON body); function_app.py turns that into an HttpResponse. Errors have one
+machine-readable shape: `{"error": {"code": ..., "message": ...}}`. No
+handler ever returns a secret value.
+"""
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from azure.core.exceptions import ResourceNotFoundError
+
+from shared import engine as outcomes
+from shared.config import validate_secret_name
+from shared.durations import parse_duration
+from shared.engine import Outcome, RotationEngine, utc_now
+from shared.errors import ConfigError
+from shared.ledger import FAILED, IDLE, OVERLAP, ROTATING, as_dict
+from shared.settings import normalize_vault_url
+
+MAX_BODY_BYTES = 16 * 1024
+MAX_PAGE_SIZE = 200
+MAX_HISTORY = 100
+STATES = (IDLE, ROTATING, OVERLAP, FAILED)
+_ROTATE_FIELDS = {"reason": str, "emergency": bool, "dry_run": bool, "override_window": bool}
+_ADOPT_FIELDS = (
+    "rotator",
+    "target",
+    "slots",
+    "current_slot",
+    "validity",
+    "overlap",
+    "probes",
+    "window",
+    "admin_secret",
+    "admin_user",
+    "pg_group",
+)
+
+_STATUS_FOR_OUTCOME = {
+    outcomes.ROTATED: 200,
+    outcomes.DRY_RUN_PASSED: 200,
+    outcomes.ADOPTED: 200,
+    outcomes.IN_PROGRESS: 409,
+    outcomes.DEFERRED: 409,
+    outcomes.OUTSIDE_WINDOW: 409,
+    outcomes.ALREADY_MANAGED: 409,
+    outcomes.NOT_FOUND: 404,
+    outcomes.NOT_MANAGED: 422,
+    outcomes.MISCONFIGURED: 422,
+    outcomes.INVALID: 400,
+    outcomes.DROPPED: 400,
+    outcomes.ROTATION_FAILED: 502,
+    outcomes.ROLLED_BACK: 502,
+}
+_HINTS = {
+    outcomes.DEFERRED: "the previous credential is still in its overlap; an emergency rotation ends it now",
+    outcomes.OUTSIDE_WINDOW: "send override_window: true to rotate outside the window",
+    outcomes.ROTATION_FAILED: "consumers still hold the previous, working credential",
+    outcomes.ROLLED_BACK: "the previous credential is current again; the new one was revoked",
+}
+
+
+@dataclass(frozen=True)
+class ApiResult:
+    status: int
+    body: dict[str, Any]
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def error(status: int, code: str, message: str) -> ApiResult:
+    return ApiResult(status, {"error": {"code": code, "message": message}})
+
+
+def _json_body(body: bytes, allow_empty: bool = True) -> dict[str, Any]:
+    if len(body) > MAX_BODY_BYTES:
+        raise BadRequest(413, "body_too_large", f"request body larger than {MAX_BODY_BYTES} bytes")
+    if not body.strip():
+        if allow_empty:
+            return {}
+        raise BadRequest(400, "invalid_body", "a JSON object body is required")
+    try:
+        decoded = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest(400, "invalid_body", "request body is not JSON") from None
+    if not isinstance(decoded, dict):
+        raise BadRequest(400, "invalid_body", "request body must be a JSON object")
+    return decoded
+
+
+def _name(name: str) -> str:
+    try:
+        return validate_secret_name(name)
+    except ConfigError as problem:
+        raise BadRequest(400, "invalid_name", str(problem)) from None
+
+
+def _vault(engine: RotationEngine, params: Mapping[str, str]) -> str:
+    allowed = sorted(engine.settings.allowed_vaults)
+    requested = params.get("vault")
+    if requested:
+        try:
+            vault = normalize_vault_url(requested)
+        except ConfigError as problem:
+            raise BadRequest(400, "invalid_vault", str(problem)) from None
+        if vault not in allowed:
+            raise BadRequest(400, "vault_not_allowed", "the vault is not in ROTATION_ALLOWED_VAULTS")
+        return vault
+    if len(allowed) != 1:
+        raise BadRequest(400, "vault_required", "this app serves several vaults: add ?vault=<name or URL>")
+    return allowed[0]
+
+
+def _requested_by(headers: Mapping[str, str]) -> str:
+    principal = headers.get("x-ms-client-principal-name") or headers.get("X-MS-CLIENT-PRINCIPAL-NAME")
+    return f"http:{principal[:100]}" if principal else "http:function-key"
+
+
+def _from_outcome(outcome: Outcome, extra: dict[str, Any] | None = None) -> ApiResult:
+    status = _STATUS_FOR_OUTCOME.get(outcome.status, 500)
+    if status >= 400:
+        message = outcome.message + (f" ({_HINTS[outcome.status]})" if outcome.status in _HINTS else "")
+        result = error(status, outcome.status, message)
+        if outcome.rotation_id:
+            result.body["rotation_id"] = outcome.rotation_id
+        return result
+    body = {"status": outcome.status, "secret": outcome.secret, "message": outcome.message}
+    if outcome.rotation_id:
+        body["rotation_id"] = outcome.rotation_id
+    if outcome.new_version:
+        body["new_version"] = outcome.new_version
+    return ApiResult(status, {**body, **(extra or {})})
+
+
+def _guard(handler: Any) -> Any:
+    def wrapped(*args: Any, **kwargs: Any) -> ApiResult:
+        try:
+            result: ApiResult = handler(*args, **kwargs)
+        except BadRequest as problem:
+            return error(problem.status, problem.code, problem.message)
+        return result
+
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+@_guard
+def rotate(
+    engine: RotationEngine, name: str, params: Mapping[str, str], body: bytes, headers: Mapping[str, str]
+) -> ApiResult:
+    """POST /secrets/{name}/rotate"""
+    secret = _name(name)
+    vault = _vault(engine, params)
+    options = _json_body(body)
+    unknown = sorted(set(options) - set(_ROTATE_FIELDS))
+    if unknown:
+        raise BadRequest(400, "invalid_body", f"unknown field(s): {', '.join(unknown)[:200]}")
+    for field, kind in _ROTATE_FIELDS.items():
+        if field in options and not isinstance(options[field], kind):
+            raise BadRequest(400, "invalid_body", f"{field} must be a {kind.__name__}")
+    reason = str(options.get("reason", ""))
+    if len(reason) > 500:
+        raise BadRequest(400, "invalid_body", "reason is longer than 500 characters")
+    if options.get("emergency") and options.get("dry_run"):
+        raise BadRequest(400, "invalid_body", "emergency and dry_run exclude each other")
+    outcome = engine.rotate(
+        vault,
+        secret,
+        trigger="manual:emergency" if options.get("emergency") else "manual",
+        requested_by=_requested_by(headers),
+        reason=reason,
+        emergency=bool(options.get("emergency")),
+        dry_run=bool(options.get("dry_run")),
+        override_window=bool(options.get("override_window")),
+    )
+    record = None
+    if outcome.rotation_id:
+        record = next(
+            (
+                as_dict(item)
+                for item in engine.ledger.history(vault, secret, 5)
+                if item.rotation_id == outcome.rotation_id
+            ),
+            None,
+        )
+    return _from_outcome(outcome, {"rotation": record} if record else None)
+
+
+@_guard
+def adopt(
+    engine: RotationEngine, name: str, params: Mapping[str, str], body: bytes, headers: Mapping[str, str]
+) -> ApiResult:
+    """POST /secrets/{name}/adopt"""
+    secret = _name(name)
+    vault = _vault(engine, params)
+    fields = _json_body(body, allow_empty=False)
+    unknown = sorted(set(fields) - set(_ADOPT_FIELDS))
+    if unknown:
+        raise BadRequest(400, "invalid_body", f"unknown field(s): {', '.join(unknown)[:200]}")
+    tags: dict[str, str] = {}
+    for field, raw in fields.items():
+        value = raw
+        if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+            value = ("," if field == "slots" else " ").join(raw)
+        if not isinstance(value, str) or len(value) > 256:
+            raise BadRequest(400, "invalid_body", f"{field} must be a string of at most 256 characters")
+        tags[f"rotation-{field.replace('_', '-')}"] = value
+    outcome = engine.adopt(vault, secret, tags, requested_by=_requested_by(headers))
+    return _from_outcome(outcome)
+
+
+@_guard
+def status(engine: RotationEngine, name: str, params: Mapping[str, str]) -> ApiResult:
+    """GET /secrets/{name}/rotation"""
+    secret = _name(name)
+    vault = _vault(engine, params)
+    try:
+        limit = int(params.get("history", "10"))
+    except ValueError:
+        raise BadRequest(400, "invalid_query", "history must be a number") from None
+    if not 0 <= limit <= MAX_HISTORY:
+        raise BadRequest(400, "invalid_query", f"history must be between 0 and {MAX_HISTORY}")
+    try:
+        return ApiResult(200, engine.status(vault, secret, limit))
+    except ResourceNotFoundError:
+        return error(404, "not_found", "no such secret in the vault")
+
+
+def _page_token(offset: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"offset": offset}).encode()).decode()
+
+
+def _offset(token: str) -> int:
+    try:
+        offset = json.loads(base64.urlsafe_b64decode(token.encode()))["offset"]
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise BadRequest(400, "invalid_query", "invalid continuation token") from None
+    if not isinstance(offset, int) or offset < 0:
+        raise BadRequest(400, "invalid_query", "invalid continuation token")
+    return offset
+
+
+@_guard
+def list_rotations(engine: RotationEngine, params: Mapping[str, str]) -> ApiResult:
+    """GET /rotations"""
+    state = params.get("state")
+    if state and state not in STATES:
+        raise BadRequest(400, "invalid_query", f"state must be one of {', '.join(STATES)}")
+    horizon = None
+    if params.get("due_within"):
+        try:
+            horizon = utc_now() + parse_duration(params["due_within"])
+        except ConfigError as problem:
+            raise BadRequest(400, "invalid_query", f"due_within: {problem}") from None
+    try:
+        page_size = int(params.get("page_size", "50"))
+    except ValueError:
+        raise BadRequest(400, "invalid_query", "page_size must be a number") from None
+    if not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise BadRequest(400, "invalid_query", f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+    offset = _offset(params["continuation"]) if params.get("continuation") else 0
+
+    rows = engine.managed_secrets()
+    if state:
+        rows = [row for row in rows if row["state"] == state]
+    if horizon:
+        rows = [
+            row for row in rows if row["expires_on"] and datetime.fromisoformat(row["expires_on"]) <= horizon
+        ]
+    page = rows[offset : offset + page_size]
+    body: dict[str, Any] = {"value": page, "count": len(rows)}
+    if offset + page_size < len(rows):
+        body["continuation"] = _page_token(offset + page_size)
+    return ApiResult(200, body)
