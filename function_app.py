@@ -60,7 +60,9 @@ def _respond(result: api.ApiResult) -> func.HttpResponse:
 def rotate_secret(req: func.HttpRequest) -> func.HttpResponse:
     """Rotate now: routine, emergency (overlap 0) or dry run."""
     name = req.route_params.get("name", "")
-    return _respond(api.rotate(service.engine(), name, req.params, req.get_body(), req.headers))
+    return _respond(
+        api.rotate(service.engine(), name, req.params, req.get_body(), api.requested_by(req.headers))
+    )
 
 
 @app.function_name("adopt_secret")
@@ -68,7 +70,9 @@ def rotate_secret(req: func.HttpRequest) -> func.HttpResponse:
 def adopt_secret(req: func.HttpRequest) -> func.HttpResponse:
     """Put an existing secret under rotation without rotating it."""
     name = req.route_params.get("name", "")
-    return _respond(api.adopt(service.engine(), name, req.params, req.get_body(), req.headers))
+    return _respond(
+        api.adopt(service.engine(), name, req.params, req.get_body(), api.requested_by(req.headers))
+    )
 
 
 @app.function_name("secret_rotation_status")

@@ -122,7 +122,8 @@ def _vault(engine: RotationEngine, params: Mapping[str, str]) -> str:
     return allowed[0]
 
 
-def _requested_by(headers: Mapping[str, str]) -> str:
+def requested_by(headers: Mapping[str, str]) -> str:
+    """Who called: the App Service authentication principal when present, else the function key."""
     principal = headers.get("x-ms-client-principal-name") or headers.get("X-MS-CLIENT-PRINCIPAL-NAME")
     return f"http:{principal[:100]}" if principal else "http:function-key"
 
@@ -157,7 +158,7 @@ def _guard(handler: Any) -> Any:
 
 @_guard
 def rotate(
-    engine: RotationEngine, name: str, params: Mapping[str, str], body: bytes, headers: Mapping[str, str]
+    engine: RotationEngine, name: str, params: Mapping[str, str], body: bytes, caller: str
 ) -> ApiResult:
     """POST /secrets/{name}/rotate"""
     secret = _name(name)
@@ -178,7 +179,7 @@ def rotate(
         vault,
         secret,
         trigger="manual:emergency" if options.get("emergency") else "manual",
-        requested_by=_requested_by(headers),
+        requested_by=caller,
         reason=reason,
         emergency=bool(options.get("emergency")),
         dry_run=bool(options.get("dry_run")),
@@ -199,7 +200,7 @@ def rotate(
 
 @_guard
 def adopt(
-    engine: RotationEngine, name: str, params: Mapping[str, str], body: bytes, headers: Mapping[str, str]
+    engine: RotationEngine, name: str, params: Mapping[str, str], body: bytes, caller: str
 ) -> ApiResult:
     """POST /secrets/{name}/adopt"""
     secret = _name(name)
@@ -216,7 +217,7 @@ def adopt(
         if not isinstance(value, str) or len(value) > 256:
             raise BadRequest(400, "invalid_body", f"{field} must be a string of at most 256 characters")
         tags[f"rotation-{field.replace('_', '-')}"] = value
-    outcome = engine.adopt(vault, secret, tags, requested_by=_requested_by(headers))
+    outcome = engine.adopt(vault, secret, tags, requested_by=caller)
     return _from_outcome(outcome)
 
 

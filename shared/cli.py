@@ -1,0 +1,149 @@
+"""Operator CLI: runbooks, and the way in when the Function App itself is down.
+
+It talks to the vault and the ledger directly, with the same engine and the
+same request handlers as the HTTP API, configured by the same app settings
+(environment variables). Identity comes from DefaultAzureCredential: on a
+laptop that is `az login`.
+
+    python -m shared.cli rotate orders-db --emergency --reason "leaked in CI log"
+    python -m shared.cli status orders-db
+    python -m shared.cli list --due-within P7D
+    python -m shared.cli sweep
+    python -m shared.cli adopt orders-db --rotator postgres --target db:5432/app ...
+"""
+
+import argparse
+import getpass
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from shared import api, service
+
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
+_ADOPT_OPTIONS = (
+    ("rotator", "rotator name, e.g. postgres"),
+    ("target", "host:port/dbname (must be on ROTATION_ALLOWED_TARGETS)"),
+    ("slots", "the two slots, comma-separated"),
+    ("current-slot", "slot in the current version (default: the first)"),
+    ("pg-group", "PostgreSQL group role both slots belong to"),
+    ("admin-secret", "secret holding the upstream admin credential"),
+    ("admin-user", "Entra ID admin principal (instead of --admin-secret)"),
+    ("validity", "ISO 8601 duration, e.g. P90D"),
+    ("overlap", "ISO 8601 duration, e.g. P1D"),
+    ("probes", "space-separated consumer health URLs"),
+    ("window", "rotation window, e.g. 'Mon-Fri 01:00-05:00' (UTC)"),
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rotation", description="Operate the secret rotation service.")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--vault", help="vault name or URL (needed when the app serves several)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    rotate = commands.add_parser("rotate", help="rotate a secret now")
+    rotate.add_argument("name")
+    rotate.add_argument("--reason", default="", help="recorded in the history")
+    mode = rotate.add_mutually_exclusive_group()
+    mode.add_argument("--emergency", action="store_true", help="retire the old credential at once")
+    mode.add_argument("--dry-run", action="store_true", help="create, verify and revoke; Key Vault unchanged")
+    rotate.add_argument("--override-window", action="store_true", help="rotate outside the rotation window")
+
+    status = commands.add_parser("status", help="rotation state of one secret")
+    status.add_argument("name")
+    status.add_argument("--history", default="10", help="how many history records (default 10)")
+
+    listing = commands.add_parser("list", help="every managed secret")
+    listing.add_argument("--state", choices=api.STATES)
+    listing.add_argument("--due-within", help="only secrets expiring within this ISO 8601 duration")
+
+    commands.add_parser("sweep", help="retire due overlaps, resume stalled rotations, rotate what is due")
+
+    adopt = commands.add_parser("adopt", help="put an existing secret under rotation, without rotating")
+    adopt.add_argument("name")
+    for option, text in _ADOPT_OPTIONS:
+        adopt.add_argument(f"--{option}", help=text)
+    return parser
+
+
+def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    cells = [
+        [("" if row.get(column) is None else str(row.get(column))) for column in columns] for row in rows
+    ]
+    widths = [max([len(column), *(len(line[i]) for line in cells)]) for i, column in enumerate(columns)]
+    lines = ["  ".join(column.upper().ljust(width) for column, width in zip(columns, widths, strict=True))]
+    lines += [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in cells
+    ]
+    return "\n".join(lines)
+
+
+def _render(command: str, result: api.ApiResult) -> str:
+    body = result.body
+    if "error" in body:
+        return f"error ({result.status} {body['error']['code']}): {body['error']['message']}"
+    if command == "list":
+        columns = ("name", "state", "expires_on", "last_outcome", "last_rotated_on", "retire_after")
+        footer = f"\n{body['count']} managed secret(s)"
+        return _table(body["value"], columns) + footer
+    if command == "status":
+        fields = [
+            (key, body[key])
+            for key in (
+                "name", "vault", "managed", "rotator", "state", "step", "current_slot", "current_version",
+                "previous_version", "expires_on", "retire_after", "last_rotated_on", "last_outcome",
+                "last_error", "configuration_error",
+            )
+            if body.get(key) not in (None, "")
+        ]  # fmt: skip
+        width = max(len(key) for key, _ in fields)
+        text = "\n".join(f"{key.ljust(width)}  {value}" for key, value in fields)
+        history = body.get("history") or []
+        if history:
+            columns = ("started_on", "trigger", "outcome", "new_version", "retired_on", "requested_by")
+            text += "\n\nhistory\n" + _table(history, columns)
+        return text
+    return f"{body.get('status')}: {body.get('message')}"
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    engine = service.engine()
+    params = {"vault": args.vault} if args.vault else {}
+    caller = f"cli:{getpass.getuser()}"
+    if args.command == "rotate":
+        options = {"reason": args.reason, "emergency": args.emergency, "dry_run": args.dry_run}
+        options["override_window"] = args.override_window
+        result = api.rotate(engine, args.name, params, json.dumps(options).encode(), caller)
+    elif args.command == "status":
+        result = api.status(engine, args.name, {**params, "history": args.history})
+    elif args.command == "list":
+        filters = {"page_size": str(api.MAX_PAGE_SIZE)}
+        filters |= {"state": args.state} if args.state else {}
+        filters |= {"due_within": args.due_within} if args.due_within else {}
+        result = api.list_rotations(engine, {**params, **filters})
+    elif args.command == "sweep":
+        outcomes = engine.sweep()
+        rows = [{"secret": o.secret, "status": o.status, "message": o.message} for o in outcomes]
+        result = api.ApiResult(200, {"value": rows})
+        if not args.json:
+            print(_table(rows, ("secret", "status", "message")) if rows else "nothing to do")
+            return EXIT_OK
+    else:
+        fields = {
+            option.replace("-", "_"): getattr(args, option.replace("-", "_")) for option, _ in _ADOPT_OPTIONS
+        }
+        body = {key: value for key, value in fields.items() if value is not None}
+        result = api.adopt(engine, args.name, params, json.dumps(body).encode(), caller)
+
+    text = json.dumps(result.body, indent=2, default=str) if args.json else _render(args.command, result)
+    print(text, file=sys.stdout if result.status < 400 else sys.stderr)
+    if result.status < 400:
+        return EXIT_OK
+    return EXIT_FAILED if result.status >= 500 else EXIT_REFUSED
+
+
+if __name__ == "__main__":
+    sys.exit(run())
