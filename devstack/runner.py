@@ -4,6 +4,8 @@ It hosts an `azure.functions.FunctionApp` the way the host does, with the host's
 
 * ``POST /runtime/webhooks/eventgrid?functionName=NAME``: the Event Grid webhook (subscription
   validation handshake, Event Grid and CloudEvents deliveries, one invocation per event);
+* ``/api/<route>``: HTTP triggers, with the host's function-key check (``x-functions-key``
+  header or ``code`` query parameter) for routes whose auth level is not anonymous;
 * ``GET /admin/host/status`` and ``POST /admin/functions/NAME`` (run a timer function now);
 * timer triggers on their NCRONTAB schedule (or every ``timer_interval`` seconds).
 
@@ -15,6 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
+import secrets
 import signal
 import threading
 import time
@@ -22,7 +27,7 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import azure.functions as func
 from azure.functions.decorators.core import Trigger
@@ -45,14 +50,17 @@ def index(app: func.FunctionApp) -> list[Function]:
     """`app.get_functions()`, once per app object (a second call raises a duplicate-name error)."""
     with _index_lock:
         if id(app) not in _indexed:
-            # The duplicate-name check remembers earlier indexings (tests/hosting.py indexes the same
-            # app): check this indexing on its own and leave the app's memo as we found it.
-            previous, app.functions_bindings = app.functions_bindings, None
-            try:
-                _indexed[id(app)] = (app, app.get_functions())
-            finally:
-                app.functions_bindings = previous
+            _indexed[id(app)] = (app, app.get_functions())
         return _indexed[id(app)][1]
+
+
+def _route_pattern(route: str) -> re.Pattern[str]:
+    """`secrets/{name}/rotate` -> a regex with one named group per route parameter."""
+    parts = re.split(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", route.strip("/"))
+    pattern = "".join(
+        re.escape(part) if index % 2 == 0 else f"(?P<{part}>[^/]+)" for index, part in enumerate(parts)
+    )
+    return re.compile(f"^/api/{pattern}/?$")
 
 
 def _error_line(error: BaseException) -> str:
@@ -67,6 +75,7 @@ class LocalFunctionHost:
         *,
         port: int = 0,
         timer_interval: float | None = None,
+        function_key: str | None = None,
     ) -> None:
         if app is None:
             from function_app import app as default_app  # noqa: PLC0415 - imported as the host does
@@ -80,10 +89,25 @@ class LocalFunctionHost:
                 raise ValueError(f"function {name} has no trigger")
             self.triggers[name] = trigger
         self.port, self.timer_interval = port, timer_interval
+        self.function_key = function_key or secrets.token_urlsafe(32)
+        self.routes = [
+            (name, _route_pattern(str(getattr(self.triggers[name], "route", "") or name)))
+            for name in self.names(HTTP)
+        ]
         self._server: ThreadingHTTPServer | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._running = {name: threading.Lock() for name in self.names(TIMER)}
+        self.schedules = {name: self._schedule(name) for name in self.names(TIMER)}
+
+    def _schedule(self, name: str) -> str:
+        """The timer's NCRONTAB schedule (6 fields, seconds first); `%NAME%` reads an app setting."""
+        schedule = str(getattr(self.triggers[name], "schedule", ""))
+        if len(schedule) > 2 and schedule[0] == schedule[-1] == "%":
+            schedule = os.environ.get(schedule[1:-1], "")
+        if not croniter.is_valid(schedule, second_at_beginning=True) or len(schedule.split()) != 6:
+            raise ValueError(f"timer {name}: {schedule!r} is not a 6-field NCRONTAB schedule")
+        return schedule
 
     def names(self, trigger_type: str) -> list[str]:
         return [name for name, trigger in self.triggers.items() if trigger.type == trigger_type]
@@ -154,18 +178,17 @@ class LocalFunctionHost:
             self._running[name].release()
         return True
 
-    def _next_run(self, name: str, after: float) -> float:
+    def next_run(self, name: str, after: float) -> float:
         if self.timer_interval is not None:
             return after + self.timer_interval
-        schedule = str(getattr(self.triggers[name], "schedule", ""))
-        cron = croniter(schedule, datetime.fromtimestamp(after, UTC), second_at_beginning=True)
+        cron = croniter(self.schedules[name], datetime.fromtimestamp(after, UTC), second_at_beginning=True)
         return float(cron.get_next(float))
 
     def _timer_loop(self, name: str) -> None:
-        due = self._next_run(name, time.time())
+        due = self.next_run(name, time.time())
         while not self._stopping.wait(max(0.0, due - time.time())):
             self.run_timer(name, past_due=time.time() - due > PAST_DUE_SLACK)
-            due = self._next_run(name, time.time())  # ticks that fell during the run are skipped
+            due = self.next_run(name, time.time())  # ticks that fell during the run are skipped
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -221,20 +244,96 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return body
 
+    def _http(self, method: str) -> bool:
+        """Serve an HTTP trigger; False when no route matches the path."""
+        parts = urlsplit(self.path)
+        found = next(
+            ((name, match) for name, pattern in self.host.routes if (match := pattern.match(parts.path))),
+            None,
+        )
+        if found is None:
+            return False
+        name, match = found
+        trigger = self.host.triggers[name]
+        methods = [str(getattr(m, "value", m)).upper() for m in (getattr(trigger, "methods", None) or [])]
+        if methods and method not in methods:
+            self._send(
+                405,
+                {"error": {"code": "MethodNotAllowed", "message": f"{method} is not allowed here"}},
+                {"Allow": ", ".join(methods)},
+            )
+            return True
+        params = {key: values[0] for key, values in parse_qs(parts.query, keep_blank_values=True).items()}
+        level = str(getattr(getattr(trigger, "auth_level", None), "value", "function")).lower()
+        given = self.headers.get("x-functions-key") or params.get("code", "")
+        if level != "anonymous" and not secrets.compare_digest(given, self.host.function_key):
+            self._send(401)
+            return True
+        self.close_connection = True
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0 or length > MAX_BODY:
+            self._error(413, "PayloadTooLarge", f"the body is over {MAX_BODY} bytes")
+            return True
+        body = self.rfile.read(length) if length else b""
+        self.close_connection = False
+        request = func.HttpRequest(
+            method=method,
+            url=f"{self.host.url}{self.path}",
+            headers=dict(self.headers.items()),
+            params=params,
+            route_params={key: unquote(value) for key, value in match.groupdict().items()},
+            body=body,
+        )
+        try:
+            response = self.host.functions[name].get_user_function()(**{trigger.name: request})
+        except Exception as error:
+            log.error("function %s failed: %s", name, _error_line(error))
+            self._send(500)
+            return True
+        payload = response.get_body()
+        self.send_response(response.status_code)
+        for key, value in response.headers.items():
+            if key.lower() not in ("content-length", "content-type"):
+                self.send_header(key, value)
+        self.send_header("Content-Type", response.mimetype or "text/plain")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+        return True
+
     def do_GET(self) -> None:
+        if self._http("GET"):
+            return
         if urlsplit(self.path).path == "/admin/host/status":
             self._send(200, {"state": "Running", "functions": list(self.host.functions)})
         else:
             self._error(404, "NotFound", "no such endpoint")
 
     def do_OPTIONS(self) -> None:
+        if self._http("OPTIONS"):
+            return
         origin = self.headers.get("WebHook-Request-Origin")
         if urlsplit(self.path).path == "/runtime/webhooks/eventgrid" and origin:
             self._send(200, headers={"WebHook-Allowed-Origin": origin, "WebHook-Allowed-Rate": "*"})
         else:
             self._error(404, "NotFound", "no such endpoint")
 
+    def _other_method(self) -> None:
+        if not self._http(self.command):
+            self._error(404, "NotFound", "no such endpoint")
+
+    def __getattr__(self, name: str) -> Any:
+        # http.server looks up do_<METHOD>; any method not defined here is routed (and refused) alike.
+        if name.startswith("do_"):
+            return self._other_method
+        raise AttributeError(name)
+
     def do_POST(self) -> None:
+        if self._http("POST"):
+            return
         parts = urlsplit(self.path)
         if parts.path == "/runtime/webhooks/eventgrid":
             names = parse_qs(parts.query).get("functionName", [""])

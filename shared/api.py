@@ -109,13 +109,15 @@ def _name(name: str) -> str:
 def _vault(engine: RotationEngine, params: Mapping[str, str]) -> str:
     allowed = sorted(engine.settings.allowed_vaults)
     requested = params.get("vault")
-    if requested:
+    if requested is not None:
         try:
             vault = normalize_vault_url(requested)
         except ConfigError as problem:
             raise BadRequest(400, "invalid_vault", str(problem)) from None
         if vault not in allowed:
-            raise BadRequest(400, "vault_not_allowed", "the vault is not in ROTATION_ALLOWED_VAULTS")
+            raise BadRequest(
+                404, "vault_not_served", "this app does not serve that vault (ROTATION_ALLOWED_VAULTS)"
+            )
         return vault
     if len(allowed) != 1:
         raise BadRequest(400, "vault_required", "this app serves several vaults: add ?vault=<name or URL>")
@@ -256,10 +258,10 @@ def _offset(token: str) -> int:
 def list_rotations(engine: RotationEngine, params: Mapping[str, str]) -> ApiResult:
     """GET /rotations"""
     state = params.get("state")
-    if state and state not in STATES:
+    if state is not None and state not in STATES:
         raise BadRequest(400, "invalid_query", f"state must be one of {', '.join(STATES)}")
     horizon = None
-    if params.get("due_within"):
+    if "due_within" in params:
         try:
             horizon = utc_now() + parse_duration(params["due_within"])
         except ConfigError as problem:
@@ -270,9 +272,12 @@ def list_rotations(engine: RotationEngine, params: Mapping[str, str]) -> ApiResu
         raise BadRequest(400, "invalid_query", "page_size must be a number") from None
     if not 1 <= page_size <= MAX_PAGE_SIZE:
         raise BadRequest(400, "invalid_query", f"page_size must be between 1 and {MAX_PAGE_SIZE}")
-    offset = _offset(params["continuation"]) if params.get("continuation") else 0
+    offset = _offset(params["continuation"]) if "continuation" in params else 0
+    vault = _vault(engine, params) if "vault" in params else None
 
     rows = engine.managed_secrets()
+    if vault:
+        rows = [row for row in rows if row["vault"] == vault]
     if state:
         rows = [row for row in rows if row["state"] == state]
     if horizon:

@@ -25,7 +25,10 @@ def parse_duration(text: str) -> timedelta:
             "for example P90D, PT12H or P1DT6H (years and months are not accepted)"
         )
     parts = {name: float(value) for name, value in match.groupdict().items() if value}
-    return timedelta(**parts)
+    try:
+        return timedelta(**parts)
+    except OverflowError:
+        raise ConfigError(f"duration {text[:40]!r} is out of range") from None
 
 
 def format_duration(value: timedelta) -> str:

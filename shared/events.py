@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from shared.config import SECRET_NAME
-from shared.errors import InvalidEvent
+from shared.errors import ConfigError, InvalidEvent
 from shared.settings import normalize_vault_url
 
 SECRET_NEAR_EXPIRY = "Microsoft.KeyVault.SecretNearExpiry"
@@ -85,10 +85,14 @@ def parse_event(event_type: str | None, event_id: str | None, data: Any) -> Vaul
     object_type = _text(fields, "objecttype") or "Secret"
     if object_type.lower() != "secret":
         raise InvalidEvent(f"event object type {object_type[:20]!r} is not a secret")
+    try:
+        vault_url = normalize_vault_url(f"https://{parts.netloc}")
+    except ConfigError as error:
+        raise InvalidEvent(f"event data Id: {error}") from None
     return VaultEvent(
         event_id=(event_id or "").strip()[:128],
         event_type=kind,
-        vault_url=normalize_vault_url(f"https://{parts.netloc}"),
+        vault_url=vault_url,
         object_type="Secret",
         name=name,
         version=version.lower(),

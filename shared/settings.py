@@ -25,7 +25,10 @@ def normalize_vault_url(value: str) -> str:
     parts = urlsplit(text)
     if parts.scheme != "https" or not parts.hostname:
         raise ConfigError(f"invalid vault URL {text[:80]!r}: Key Vault is only reached over https")
-    port = f":{parts.port}" if parts.port else ""
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        raise ConfigError(f"invalid port in vault URL {text[:80]!r}") from None
     return f"https://{parts.hostname.lower()}{port}"
 
 

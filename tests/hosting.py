@@ -19,8 +19,9 @@ from azure.functions.timer import TimerRequest
 @cache
 def registered_functions() -> dict[str, Callable[..., Any]]:
     import function_app  # noqa: PLC0415 - imported as the host does, once
+    from devstack.runner import index  # noqa: PLC0415 - one indexing of the app per process
 
-    return {str(f.get_function_name()): f.get_user_function() for f in function_app.app.get_functions()}
+    return {str(f.get_function_name()): f.get_user_function() for f in index(function_app.app)}
 
 
 def event_grid_inputs(payload: Any) -> list[func.EventGridEvent | func.CloudEvent]:

@@ -74,6 +74,11 @@ def _data(**overrides: object) -> dict[str, object]:
             "invalid secret version",
         ),
         (SECRET_NEAR_EXPIRY, _data(ObjectType="Key"), "not a secret"),
+        (
+            SECRET_NEAR_EXPIRY,
+            _data(Id=f"https://kv.vault.azure.net:99999/secrets/newsecret/{VERSION}"),
+            "port",
+        ),
         (SECRET_NEAR_EXPIRY, _data(EXP="tomorrow"), "EXP"),
         (SECRET_NEAR_EXPIRY, _data(ObjectName={"nested": "x"}), "not a string"),
     ],

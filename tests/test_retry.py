@@ -87,12 +87,10 @@ def test_throttled_patch_during_retire_is_retried(
     state = service.engine().ledger.get(stack.vault.vault_url, unique)
     assert state is not None
     assert state.retire_after is not None
-    stack.vault.reset_counts()
-    stack.vault.inject_fault("PATCH", rf"^/secrets/{unique}/", 429, times=2)
+    fault = stack.vault.inject_fault("PATCH", rf"^/secrets/{unique}/", 429, times=2)
     time.sleep(max(0.0, (state.retire_after - datetime.now(UTC)).total_seconds()) + 0.1)
     tick_sweeper()
-    patches = sum(n for (method, _), n in stack.vault.request_counts.items() if method == "PATCH")
-    assert patches == 3
+    assert fault.remaining == 0  # both throttled answers were consumed by our retries
     assert not can_login(stack, old)
     versions = {p.version: p.enabled for p in vault.list_properties_of_secret_versions(unique)}
     assert sorted(bool(enabled) for enabled in versions.values()) == [False, True]
