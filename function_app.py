@@ -11,12 +11,13 @@ import azure.functions as func
 
 from shared import api, service
 from shared.errors import InvalidEvent
-from shared.events import parse_function_event
+from shared.events import VaultEvent, parse_function_event, parse_payload
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 logger = logging.getLogger("function_app")
 
 SWEEP_SCHEDULE = "0 */5 * * * *"
+EVENTS_QUEUE = "keyvault-events"
 
 
 class RetryableFailure(Exception):
@@ -28,14 +29,33 @@ class RetryableFailure(Exception):
 def keyvault_events(event: func.EventGridEvent) -> None:
     """Key Vault SecretNearExpiry / SecretExpired, in the Event Grid or CloudEvents schema."""
     try:
-        parsed = parse_function_event(event)
+        parsed = [parse_function_event(event)]
     except InvalidEvent as error:
         # Returning normally acknowledges the event: a malformed one must not be retried for 24 h.
         logger.error("dropped Key Vault event %s: %s", str(getattr(event, "id", ""))[:64], error)
         return
-    outcome = service.engine().handle_event(parsed)
-    if outcome.retryable:
-        raise RetryableFailure(f"{outcome.secret}: {outcome.status}: {outcome.message}")
+    _rotate_for(parsed)
+
+
+@app.function_name("keyvault_events_queue")
+@app.queue_trigger(arg_name="message", queue_name=EVENTS_QUEUE, connection="AzureWebJobsStorage")
+def keyvault_events_queue(message: func.QueueMessage) -> None:
+    """The same events routed through a Storage queue (Event Grid cannot reach a private endpoint)."""
+    try:
+        parsed = parse_payload(message.get_body())
+    except InvalidEvent as error:
+        # Consumed, not retried: a malformed message would only end in the poison queue.
+        logger.error("dropped Key Vault event from queue message %s: %s", str(message.id)[:64], error)
+        return
+    _rotate_for(parsed)
+
+
+def _rotate_for(events: list[VaultEvent]) -> None:
+    """The one handler behind both event triggers."""
+    engine = service.engine()
+    failures = [outcome for outcome in map(engine.handle_event, events) if outcome.retryable]
+    if failures:
+        raise RetryableFailure("; ".join(f"{o.secret}: {o.status}: {o.message}" for o in failures))
 
 
 @app.function_name("rotation_sweeper")

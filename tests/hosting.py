@@ -67,5 +67,10 @@ def deliver_event(payload: Any) -> None:
         function(event)
 
 
+def deliver_queue_message(body: bytes) -> None:
+    """A Storage queue message as the queue trigger gets it (the host has already base64-decoded it)."""
+    registered_functions()["keyvault_events_queue"](func.QueueMessage(id="msg-1", body=body))
+
+
 def tick_sweeper(past_due: bool = False) -> None:
     registered_functions()["rotation_sweeper"](TimerRequest(past_due=past_due))

@@ -17,7 +17,7 @@ from devstack.stack import LocalStack, provision_postgres_secret
 from shared import service
 from shared.ledger import IDLE, OVERLAP
 from tests.conftest import can_login, soon
-from tests.hosting import deliver_event, tick_sweeper
+from tests.hosting import deliver_event, deliver_queue_message, tick_sweeper
 
 pytestmark = pytest.mark.usefixtures("app_settings")
 
@@ -196,3 +196,25 @@ def test_malformed_event_is_logged_and_acknowledged_without_change(
     deliver_event([event])  # returns normally: Event Grid must not retry a malformed event for 24 h
     assert unchanged(stack, vault, unique, managed.first_version.properties.version or "")
     assert "dropped Key Vault event" in caplog.text
+
+
+@pytest.mark.parametrize("schema", ["EventGridSchema", "CloudEventSchemaV1_0"])
+def test_the_queue_route_shares_the_event_handler(
+    stack: LocalStack, vault: SecretClient, unique: str, schema: str
+) -> None:
+    managed = provision_postgres_secret(stack, unique, prefix=unique, expires_on=soon(20))
+    event = stack.vault.events_for(unique, schema=schema)  # type: ignore[arg-type]
+    deliver_queue_message(json.dumps(event).encode())
+    newest = vault.get_secret(unique)
+    assert newest.properties.version != managed.first_version.properties.version
+    assert can_login(stack, json.loads(newest.value or "{}"))
+
+
+def test_malformed_queue_message_is_consumed_without_change(
+    stack: LocalStack, vault: SecretClient, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    managed = provision_postgres_secret(stack, unique, prefix=unique, expires_on=soon(20))
+    deliver_queue_message(b"{not json")
+    deliver_queue_message(b"x" * 100_000)
+    assert unchanged(stack, vault, unique, managed.first_version.properties.version or "")
+    assert caplog.text.count("dropped Key Vault event from queue message") == 2
