@@ -35,6 +35,7 @@ class NewCredential:
 
     value: str
     credential_id: str
+    content_type: str = "application/json"
 
     def __repr__(self) -> str:
         return f"NewCredential(credential_id={self.credential_id!r}, value=<redacted>)"

@@ -46,8 +46,12 @@ _ARM_ID = re.compile(
 )
 _ARM_ROTATORS = {
     "microsoft.dbforpostgresql/flexibleservers": ("postgres", ".postgres.database.azure.com", 5432),
+    "microsoft.storage/storageaccounts": ("storage-key", ".blob.core.windows.net", 443),
 }
+_URL_PATH = re.compile(r"^[A-Za-z0-9/_.~-]{0,200}$")
 
+# Rotators whose slots have fixed names upstream need no rotation-slots tag.
+DEFAULT_SLOTS = {"storage-key": "key1,key2"}
 MIN_VALIDITY = timedelta(hours=1)
 MAX_VALIDITY = timedelta(days=5 * 366)
 MAX_PROBES = 5
@@ -55,13 +59,28 @@ MAX_PROBES = 5
 
 @dataclass(frozen=True)
 class Target:
-    """Where a credential lives upstream: `host:port[/database]`."""
+    """Where a credential lives upstream.
+
+    `host:port[/database]`, an `https://host[:port][/path]` URL (`path` in `database`), or an
+    Azure resource id (`resource_id`, with the data-plane host it implies). `host` and `port`
+    are what the allow-list is checked against.
+    """
 
     host: str
     port: int
     database: str = ""
+    scheme: str = ""
+    resource_id: str = ""
+
+    @property
+    def resource_name(self) -> str:
+        return self.resource_id.rsplit("/", 1)[-1] if self.resource_id else ""
 
     def __str__(self) -> str:
+        if self.resource_id:
+            return self.resource_id
+        if self.scheme:
+            return f"{self.scheme}://{self.host}:{self.port}/{self.database}".rstrip("/")
         return f"{self.host}:{self.port}" + (f"/{self.database}" if self.database else "")
 
 
@@ -109,8 +128,12 @@ def validate_secret_name(name: str) -> str:
 
 
 def parse_target(text: str) -> Target:
-    """`host:port/database`, `host/database` or `host:port`."""
+    """`host:port/database`, `host/database`, `host:port`, an https URL or an Azure resource id."""
     raw = text.strip()
+    if raw.lower().startswith("/subscriptions/"):
+        return _target_from_arm_id(raw)[1]
+    if raw.lower().startswith("https://"):
+        return _target_from_url(raw)
     host_port, _, database = raw.partition("/")
     host, _, port_text = host_port.rpartition(":") if ":" in host_port else (host_port, "", "")
     if not _HOST.match(host):
@@ -126,15 +149,30 @@ def parse_target(text: str) -> Target:
     return Target(host=host.lower(), port=port, database=database)
 
 
+def _target_from_url(url: str) -> Target:
+    parts = urlsplit(url)
+    try:
+        port = parts.port or 443
+    except ValueError:
+        raise ConfigError(f"invalid target port in {url[:80]!r}") from None
+    host = parts.hostname or ""
+    path = parts.path.strip("/")
+    if not _HOST.match(host) or not _URL_PATH.match(path) or parts.query or parts.fragment or parts.username:
+        raise ConfigError(f"invalid target URL {url[:80]!r}")
+    return Target(host=host.lower(), port=port, database=path, scheme="https")
+
+
 def _target_from_arm_id(resource_id: str) -> tuple[str, Target]:
+    """Microsoft's `ProviderAddress` form: the rotator it implies and the data-plane host."""
     match = _ARM_ID.match(resource_id.strip())
     known = _ARM_ROTATORS.get(match.group("provider").lower()) if match else None
     if not match or not known:
-        raise ConfigError(
-            f"{MS_PROVIDER_ADDRESS} {resource_id[:120]!r} is not a resource this service rotates"
-        )
+        raise ConfigError(f"resource id {resource_id[:120]!r} is not a resource this service rotates")
     rotator, suffix, port = known
-    return rotator, parse_target(f"{match.group('name')}{suffix}:{port}")
+    name = match.group("name")
+    if not re.fullmatch(r"[a-z0-9-]{3,63}", name.lower()):
+        raise ConfigError(f"invalid resource name in {resource_id[:120]!r}")
+    return rotator, Target(host=f"{name.lower()}{suffix}", port=port, resource_id=resource_id.strip())
 
 
 def _tag(tags: Mapping[str, str], name: str) -> str | None:
@@ -175,7 +213,7 @@ def parse_config(tags: Mapping[str, str] | None, settings: Settings) -> Rotation
     if not settings.target_allowed(target.host, target.port):
         raise TargetNotAllowed(f"target {target.host}:{target.port} is not in ROTATION_ALLOWED_TARGETS")
 
-    slots_text = _tag(tags, TAG_SLOTS)
+    slots_text = _tag(tags, TAG_SLOTS) or DEFAULT_SLOTS.get(rotator)
     if not slots_text:
         raise ConfigError(f"tag {TAG_SLOTS} is missing: name the two credential slots, comma-separated")
     slots = tuple(s.strip() for s in slots_text.split(","))

@@ -485,7 +485,7 @@ class RotationEngine:
                             new.value,
                             tags=config.tags_for_new_version(state.to_slot, state.rotation_id),
                             expires_on=self._clock() + config.validity,
-                            content_type="application/json",
+                            content_type=new.content_type,
                         ),
                         what="write new secret version",
                     )

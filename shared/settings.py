@@ -59,6 +59,10 @@ class Settings:
     postgres_sslmode: str = "require"
     keyvault_api_version: str = "7.6"
     keyvault_ca_bundle: str | None = None
+    # Extra CA for HTTPS upstreams (ARM, storage, vendor APIs); only the local stand-ins need it.
+    upstream_ca_bundle: str | None = None
+    arm_endpoint: str = "https://management.azure.com"
+    storage_blob_endpoint: str = "https://{account}.blob.core.windows.net"
     keyvault_verify_challenge_resource: bool = True
     ledger_connection_string: str | None = None
     ledger_table_endpoint: str | None = None
@@ -93,6 +97,9 @@ class Settings:
             postgres_sslmode=env.get("ROTATION_POSTGRES_SSLMODE", cls.postgres_sslmode),
             keyvault_api_version=env.get("KEYVAULT_API_VERSION", cls.keyvault_api_version),
             keyvault_ca_bundle=env.get("KEYVAULT_CA_BUNDLE") or None,
+            upstream_ca_bundle=env.get("ROTATION_UPSTREAM_CA_BUNDLE") or None,
+            arm_endpoint=env.get("ROTATION_ARM_ENDPOINT", cls.arm_endpoint).rstrip("/"),
+            storage_blob_endpoint=env.get("ROTATION_STORAGE_BLOB_ENDPOINT", cls.storage_blob_endpoint),
             keyvault_verify_challenge_resource=_bool(env.get("KEYVAULT_VERIFY_CHALLENGE_RESOURCE", "true")),
             ledger_connection_string=env.get("LEDGER_CONNECTION_STRING") or None,
             ledger_table_endpoint=table_endpoint or None,

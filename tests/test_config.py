@@ -145,3 +145,26 @@ def test_settings_from_environment() -> None:
     assert settings.target_allowed("x.example.net", 1234)
     assert settings.default_overlap == timedelta(hours=2)
     assert settings.ledger_table_endpoint == "https://ledgeracct.table.core.windows.net"
+
+
+def test_targets_as_urls_and_resource_ids() -> None:
+    url = parse_target("https://API.vendor.example/v1/keys")
+    assert (url.host, url.port, url.database, url.scheme) == ("api.vendor.example", 443, "v1/keys", "https")
+    assert str(url) == "https://api.vendor.example:443/v1/keys"
+    storage = parse_target(
+        "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Storage/storageAccounts/ordersdata"
+    )
+    assert (storage.host, storage.port, storage.resource_name) == (
+        "ordersdata.blob.core.windows.net",
+        443,
+        "ordersdata",
+    )
+    for bad in (
+        "https://user@api.vendor.example/",
+        "https://api.vendor.example/?x=1",
+        "https://api.vendor.example:99999/",
+        "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Evil/things/x",
+        "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Storage/storageAccounts/UPPER_bad!",
+    ):
+        with pytest.raises(ConfigError):
+            parse_target(bad)
