@@ -80,6 +80,20 @@ ALREADY_MANAGED = "already_managed"
 MAX_TAGS = 15
 
 STEPS = ("claim", "create", "verify", "write", "validate", "finish", "retire")
+# Every point where the engine calls its checkpoint hook (tests and the chaos run crash there).
+CHECKPOINTS = (
+    "after:claim",
+    *(
+        f"{edge}:{step}"
+        for step in ("create", "verify", "write", "validate", "finish")
+        for edge in ("before", "after")
+    ),
+    "before:retire",
+    "after:retire-upstream",
+    "after:retire",
+    "after:rollback-write",
+    "after:rollback-revoke",
+)
 _BEFORE_WRITE = ("claim", "create", "verify")
 
 
@@ -597,6 +611,7 @@ class RotationEngine:
             context = RotationContext(config, client, self._credential, self.settings)
             self._checkpoint("before:retire")
             self._rotators.get(config.rotator).retire(context, state.retire_slot)
+            self._checkpoint("after:retire-upstream")
             if state.retire_version:
                 self._disable_version(client, state.name, state.retire_version)
             self._checkpoint("after:retire")
