@@ -152,6 +152,7 @@ class RotationEngine:
         clock: Callable[[], datetime] = utc_now,
         probe: Callable[[str, float], None] = http_probe,
         checkpoint: Callable[[str], None] | None = None,
+        notify: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self._secret_client = secret_client
         self.ledger = ledger
@@ -161,6 +162,7 @@ class RotationEngine:
         self._clock = clock
         self._probe = probe
         self._checkpoint = checkpoint or (lambda _point: None)
+        self._notify = notify
 
     # ----------------------------------------------------------------- entry points
 
@@ -523,7 +525,8 @@ class RotationEngine:
         if state.emergency:
             retired = self._retire(state)
             if retired.status != RETIRED:
-                return retired
+                return self._tell(retired, state)
+            return self._tell(outcome, state)
         return outcome
 
     def _finish(self, state: SecretState, written: KeyVaultSecret, config: RotationConfig) -> Outcome:
@@ -593,7 +596,8 @@ class RotationEngine:
         state.last_outcome, state.last_attempt_on = ROLLED_BACK, now
         self.ledger.save(state)
         self._write_history(state, outcome=ROLLED_BACK, ended_on=now, error=reason)
-        return self._log(Outcome(ROLLED_BACK, state.name, f"rolled back: {reason}", state.rotation_id))
+        outcome = Outcome(ROLLED_BACK, state.name, f"rolled back: {reason}", state.rotation_id)
+        return self._tell(self._log(outcome), state)
 
     def _retire(self, state: SecretState) -> Outcome:
         """Revoke the previous slot once its overlap is over, and disable its Key Vault version."""
@@ -671,9 +675,10 @@ class RotationEngine:
         state.last_outcome = ROTATION_FAILED
         self._save_quietly(state)
         self._write_history(state, outcome=ROTATION_FAILED, ended_on=now, error=message)
-        return Outcome(
+        outcome = Outcome(
             ROTATION_FAILED, state.name, message, state.rotation_id, retryable=retryable and not written
         )
+        return self._tell(outcome, state)
 
     # ----------------------------------------------------------------- helpers
 
@@ -764,6 +769,23 @@ class RotationEngine:
         if error:
             record.error = error[:500]
         self.ledger.write_history(record, state.history_key)
+
+    def _tell(self, outcome: Outcome, state: SecretState) -> Outcome:
+        """Notify for outcomes a person should know about (rollbacks, failures, emergencies)."""
+        if self._notify is not None:
+            self._notify(
+                {
+                    "secret": state.name,
+                    "vault": state.vault_url,
+                    "status": outcome.status,
+                    "message": outcome.message,
+                    "rotation_id": outcome.rotation_id,
+                    "trigger": state.trigger,
+                    "requested_by": state.requested_by,
+                    "emergency": state.emergency,
+                }
+            )
+        return outcome
 
     def _log(self, outcome: Outcome) -> Outcome:
         level = (

@@ -16,6 +16,7 @@ from azure.keyvault.secrets import SecretClient
 from rotators import RotatorRegistry
 from shared.engine import RotationEngine
 from shared.ledger import Ledger
+from shared.notify import build_notifier
 from shared.settings import Settings
 
 _lock = threading.Lock()
@@ -45,6 +46,7 @@ def build_engine(settings: Settings, **engine_options: Any) -> RotationEngine:
             "no ledger configured: set AzureWebJobsStorage__accountName, LEDGER_TABLE_ENDPOINT "
             "or LEDGER_CONNECTION_STRING"
         )
+    engine_options.setdefault("notify", build_notifier(settings, credential))
     ledger = Ledger.from_service(tables, settings.ledger_table_prefix)
     ledger.ensure_tables()
     return RotationEngine(

@@ -61,6 +61,8 @@ class Settings:
     keyvault_ca_bundle: str | None = None
     # Extra CA for HTTPS upstreams (ARM, storage, vendor APIs); only the local stand-ins need it.
     upstream_ca_bundle: str | None = None
+    notify_webhook: str | None = None
+    notify_eventgrid_endpoint: str | None = None
     arm_endpoint: str = "https://management.azure.com"
     storage_blob_endpoint: str = "https://{account}.blob.core.windows.net"
     keyvault_verify_challenge_resource: bool = True
@@ -98,6 +100,8 @@ class Settings:
             keyvault_api_version=env.get("KEYVAULT_API_VERSION", cls.keyvault_api_version),
             keyvault_ca_bundle=env.get("KEYVAULT_CA_BUNDLE") or None,
             upstream_ca_bundle=env.get("ROTATION_UPSTREAM_CA_BUNDLE") or None,
+            notify_webhook=env.get("ROTATION_NOTIFY_WEBHOOK") or None,
+            notify_eventgrid_endpoint=env.get("ROTATION_NOTIFY_EVENTGRID_ENDPOINT") or None,
             arm_endpoint=env.get("ROTATION_ARM_ENDPOINT", cls.arm_endpoint).rstrip("/"),
             storage_blob_endpoint=env.get("ROTATION_STORAGE_BLOB_ENDPOINT", cls.storage_blob_endpoint),
             keyvault_verify_challenge_resource=_bool(env.get("KEYVAULT_VERIFY_CHALLENGE_RESOURCE", "true")),
