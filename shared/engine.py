@@ -222,6 +222,10 @@ class RotationEngine:
             return self._log(Outcome(NOT_FOUND, name, "no such secret in the vault"))
         try:
             config = parse_config(current.properties.tags, self.settings)
+            # The rotator's own checks too, before anything is claimed or touched.
+            self._rotators.get(config.rotator).validate(
+                RotationContext(config, client, self._credential, self.settings)
+            )
         except NotManaged as error:
             return self._log(Outcome(NOT_MANAGED, name, str(error)))
         except ConfigError as error:
