@@ -1,0 +1,1 @@
+"""Custom checkov policies for infra/ (see rotation_checks.py)."""
