@@ -1,7 +1,7 @@
 """Azure Functions entry points (v2 programming model).
 
 Triggers are thin: read the input, call the rotation engine, map the outcome.
-All rotation logic lives in shared/engine.py.
+Secret rotation lives in shared/engine.py, key rotation in shared/keys.py.
 """
 
 import json
@@ -27,7 +27,7 @@ class RetryableFailure(Exception):
 @app.function_name("keyvault_events")
 @app.event_grid_trigger(arg_name="event")
 def keyvault_events(event: func.EventGridEvent) -> None:
-    """Key Vault SecretNearExpiry / SecretExpired, in the Event Grid or CloudEvents schema."""
+    """Key Vault Secret/Key NearExpiry and Expired, in the Event Grid or CloudEvents schema."""
     try:
         parsed = [parse_function_event(event)]
     except InvalidEvent as error:
@@ -51,11 +51,20 @@ def keyvault_events_queue(message: func.QueueMessage) -> None:
 
 
 def _rotate_for(events: list[VaultEvent]) -> None:
-    """The one handler behind both event triggers."""
-    engine = service.engine()
-    failures = [outcome for outcome in map(engine.handle_event, events) if outcome.retryable]
+    """The one handler behind both event triggers: key events to the key service, secrets to the engine."""
+    failures: list[str] = []
+    key_events = [event for event in events if event.is_key]
+    if key_events:
+        keys = service.keys()
+        key_outcomes = map(keys.handle_event, key_events)
+        failures += [f"key {o.key}: {o.status}: {o.message}" for o in key_outcomes if o.retryable]
+    secret_events = [event for event in events if not event.is_key]
+    if secret_events:
+        engine = service.engine()
+        secret_outcomes = map(engine.handle_event, secret_events)
+        failures += [f"{o.secret}: {o.status}: {o.message}" for o in secret_outcomes if o.retryable]
     if failures:
-        raise RetryableFailure("; ".join(f"{o.secret}: {o.status}: {o.message}" for o in failures))
+        raise RetryableFailure("; ".join(failures))
 
 
 @app.function_name("rotation_sweeper")
@@ -107,3 +116,15 @@ def secret_rotation_status(req: func.HttpRequest) -> func.HttpResponse:
 def list_rotations(req: func.HttpRequest) -> func.HttpResponse:
     """Every managed secret with state, expiry and last outcome; filters and paging."""
     return _respond(api.list_rotations(service.engine(), req.params))
+
+
+@app.function_name("set_key_rotation_policy")
+@app.route(route="keys/{name}/rotation-policy", methods=["PUT"], auth_level=func.AuthLevel.FUNCTION)
+def set_key_rotation_policy(req: func.HttpRequest) -> func.HttpResponse:
+    """Set a Key Vault key's rotation policy (Key Vault then rotates and notifies by itself)."""
+    name = req.route_params.get("name", "")
+    return _respond(
+        api.set_key_rotation_policy(
+            service.keys(), name, req.params, req.get_body(), api.requested_by(req.headers)
+        )
+    )

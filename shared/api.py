@@ -12,17 +12,20 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from azure.core.exceptions import ResourceNotFoundError
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
 from shared import engine as outcomes
-from shared.config import validate_secret_name
+from shared.config import SECRET_NAME, validate_secret_name
 from shared.durations import parse_duration
 from shared.engine import Outcome, RotationEngine, utc_now
 from shared.errors import ConfigError
 from shared.ledger import FAILED, IDLE, OVERLAP, ROTATING, as_dict
-from shared.settings import normalize_vault_url
+from shared.settings import Settings, normalize_vault_url
+
+if TYPE_CHECKING:
+    from shared.keys import KeyRotationService
 
 MAX_BODY_BYTES = 16 * 1024
 MAX_PAGE_SIZE = 200
@@ -107,7 +110,11 @@ def _name(name: str) -> str:
 
 
 def _vault(engine: RotationEngine, params: Mapping[str, str]) -> str:
-    allowed = sorted(engine.settings.allowed_vaults)
+    return _served_vault(engine.settings, params)
+
+
+def _served_vault(settings: Settings, params: Mapping[str, str]) -> str:
+    allowed = sorted(settings.allowed_vaults)
     requested = params.get("vault")
     if requested is not None:
         try:
@@ -289,3 +296,32 @@ def list_rotations(engine: RotationEngine, params: Mapping[str, str]) -> ApiResu
     if offset + page_size < len(rows):
         body["continuation"] = _page_token(offset + page_size)
     return ApiResult(200, body)
+
+
+@_guard
+def set_key_rotation_policy(
+    keys: "KeyRotationService", name: str, params: Mapping[str, str], body: bytes, caller: str
+) -> ApiResult:
+    """PUT /keys/{name}/rotation-policy"""
+    from shared.keys import PolicyRequest, policy_as_dict  # noqa: PLC0415 - key routes only
+
+    if not isinstance(name, str) or not SECRET_NAME.match(name):
+        raise BadRequest(400, "invalid_name", "invalid key name: 1-127 characters of letters, digits and '-'")
+    key = name
+    vault = _served_vault(keys.settings, params)
+    try:
+        request = PolicyRequest.from_fields(_json_body(body, allow_empty=False))
+    except ConfigError as problem:
+        raise BadRequest(400, "invalid_body", str(problem)) from None
+    try:
+        policy = keys.set_rotation_policy(vault, key, request, requested_by=caller)
+    except ResourceNotFoundError:
+        return error(404, "not_found", "no such key in the vault")
+    except ConfigError as problem:
+        return error(400, "invalid_policy", str(problem))
+    except HttpResponseError as problem:
+        code = getattr(problem.error, "code", None) or "unknown"
+        if problem.status_code == 400:
+            return error(400, "invalid_policy", f"Key Vault refused the policy ({code})")
+        return error(502, "upstream_error", f"Key Vault answered {problem.status_code} ({code})")
+    return ApiResult(200, {"key": key, "vault": vault, "policy": policy_as_dict(policy)})

@@ -10,6 +10,7 @@ laptop that is `az login`.
     python -m shared.cli list --due-within P7D
     python -m shared.cli sweep
     python -m shared.cli adopt orders-db --rotator postgres --target db:5432/app ...
+    python -m shared.cli key-policy orders-cmk --rotate-before-expiry P30D --expires-after P1Y
 """
 
 import argparse
@@ -34,6 +35,12 @@ _ADOPT_OPTIONS = (
     ("overlap", "ISO 8601 duration, e.g. P1D"),
     ("probes", "space-separated consumer health URLs"),
     ("window", "rotation window, e.g. 'Mon-Fri 01:00-05:00' (UTC)"),
+)
+_KEY_POLICY_OPTIONS = (
+    ("rotate-before-expiry", "Key Vault rotates the key this long before expiry, e.g. P30D"),
+    ("rotate-after-create", "or: Key Vault rotates the key this long after a version's creation, e.g. P90D"),
+    ("expires-after", "expiry of each new version, e.g. P1Y (at least P28D)"),
+    ("notify-before-expiry", "when KeyNearExpiry is published (default P30D)"),
 )
 
 
@@ -65,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     adopt.add_argument("name")
     for option, text in _ADOPT_OPTIONS:
         adopt.add_argument(f"--{option}", help=text)
+
+    key_policy = commands.add_parser("key-policy", help="set a Key Vault key's rotation policy")
+    key_policy.add_argument("name")
+    for option, text in _KEY_POLICY_OPTIONS:
+        key_policy.add_argument(f"--{option}", help=text)
     return parser
 
 
@@ -88,6 +100,18 @@ def _render(command: str, result: api.ApiResult) -> str:
         columns = ("name", "state", "expires_on", "last_outcome", "last_rotated_on", "retire_after")
         footer = f"\n{body['count']} managed secret(s)"
         return _table(body["value"], columns) + footer
+    if command == "key-policy":
+        policy = body["policy"]
+        actions = [
+            f"{a['action']} "
+            + (f"{a['time_before_expiry']} before expiry" if a.get("time_before_expiry") else "")
+            + (f"{a['time_after_create']} after creation" if a.get("time_after_create") else "")
+            for a in policy["lifetime_actions"]
+        ]
+        expiry = (
+            f"; new versions expire after {policy['expires_after']}" if policy.get("expires_after") else ""
+        )
+        return f"rotation policy of key {body['key']}: {', '.join(actions) or 'no actions'}{expiry}"
     if command == "status":
         fields = [
             (key, body[key])
@@ -110,9 +134,19 @@ def _render(command: str, result: api.ApiResult) -> str:
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    engine = service.engine()
     params = {"vault": args.vault} if args.vault else {}
     caller = f"cli:{getpass.getuser()}"
+    if args.command == "key-policy":  # keys need no ledger: do not build the engine
+        fields = {
+            option.replace("-", "_"): getattr(args, option.replace("-", "_"))
+            for option, _ in _KEY_POLICY_OPTIONS
+        }
+        body = {key: value for key, value in fields.items() if value is not None}
+        result = api.set_key_rotation_policy(
+            service.keys(), args.name, params, json.dumps(body).encode(), caller
+        )
+        return _print(args, result)
+    engine = service.engine()
     if args.command == "rotate":
         options = {"reason": args.reason, "emergency": args.emergency, "dry_run": args.dry_run}
         options["override_window"] = args.override_window
@@ -137,7 +171,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         }
         body = {key: value for key, value in fields.items() if value is not None}
         result = api.adopt(engine, args.name, params, json.dumps(body).encode(), caller)
+    return _print(args, result)
 
+
+def _print(args: argparse.Namespace, result: api.ApiResult) -> int:
     text = json.dumps(result.body, indent=2, default=str) if args.json else _render(args.command, result)
     print(text, file=sys.stdout if result.status < 400 else sys.stderr)
     if result.status < 400:

@@ -1,5 +1,9 @@
 """Key Vault events, in the Event Grid schema or the CloudEvents schema.
 
+Secret events (SecretNearExpiry, SecretExpired) go to the rotation engine, key events
+(KeyNearExpiry, KeyExpired) to the key rotation service; the event type decides which
+object type and which Id path (`/secrets/...` or `/keys/...`) the data must carry.
+
 Microsoft's documented payloads disagree on the casing of the data fields
 (`ObjectName`, `objectName`) and carry stray spaces, so data keys are read
 case-insensitively and values are trimmed.
@@ -19,7 +23,13 @@ from shared.settings import normalize_vault_url
 
 SECRET_NEAR_EXPIRY = "Microsoft.KeyVault.SecretNearExpiry"
 SECRET_EXPIRED = "Microsoft.KeyVault.SecretExpired"
-ROTATION_EVENT_TYPES = frozenset({SECRET_NEAR_EXPIRY, SECRET_EXPIRED})
+KEY_NEAR_EXPIRY = "Microsoft.KeyVault.KeyNearExpiry"
+KEY_EXPIRED = "Microsoft.KeyVault.KeyExpired"
+SECRET_EVENT_TYPES = frozenset({SECRET_NEAR_EXPIRY, SECRET_EXPIRED})
+KEY_EVENT_TYPES = frozenset({KEY_NEAR_EXPIRY, KEY_EXPIRED})
+ROTATION_EVENT_TYPES = SECRET_EVENT_TYPES | KEY_EVENT_TYPES
+SECRET = "Secret"
+KEY = "Key"
 
 MAX_EVENT_BYTES = 64 * 1024
 _VERSION = re.compile(r"^[0-9a-fA-F]{32}$")
@@ -27,7 +37,7 @@ _VERSION = re.compile(r"^[0-9a-fA-F]{32}$")
 
 @dataclass(frozen=True)
 class VaultEvent:
-    """The facts the engine needs from a Key Vault event."""
+    """The facts the engine (secrets) or the key rotation service (keys) needs from an event."""
 
     event_id: str
     event_type: str
@@ -36,6 +46,10 @@ class VaultEvent:
     name: str
     version: str
     expires_on: datetime | None
+
+    @property
+    def is_key(self) -> bool:
+        return self.object_type == KEY
 
 
 def _lower_keys(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -67,24 +81,26 @@ def parse_event(event_type: str | None, event_id: str | None, data: Any) -> Vaul
         raise InvalidEvent(f"unsupported event type {kind[:80]!r}")
     if not isinstance(data, Mapping):
         raise InvalidEvent("event data is not a JSON object")
+    expected = KEY if kind in KEY_EVENT_TYPES else SECRET
+    noun = expected.lower()
     fields = _lower_keys(data)
     object_id = _text(fields, "id")
     parts = urlsplit(object_id)
     path = parts.path.strip("/").split("/")
-    if parts.scheme != "https" or not parts.hostname or len(path) != 3 or path[0] != "secrets":
-        raise InvalidEvent("event data Id is not a Key Vault secret version URL")
+    if parts.scheme != "https" or not parts.hostname or len(path) != 3 or path[0] != f"{noun}s":
+        raise InvalidEvent(f"event data Id is not a Key Vault {noun} version URL")
     _, id_name, id_version = path
     name = _text(fields, "objectname") or id_name
     version = _text(fields, "version") or id_version
     if name != id_name or version != id_version:
         raise InvalidEvent("event data ObjectName/Version disagree with its Id")
     if not SECRET_NAME.match(name):
-        raise InvalidEvent("event names an invalid secret name")
+        raise InvalidEvent(f"event names an invalid {noun} name")
     if not _VERSION.match(version):
-        raise InvalidEvent("event names an invalid secret version")
-    object_type = _text(fields, "objecttype") or "Secret"
-    if object_type.lower() != "secret":
-        raise InvalidEvent(f"event object type {object_type[:20]!r} is not a secret")
+        raise InvalidEvent(f"event names an invalid {noun} version")
+    object_type = _text(fields, "objecttype") or expected
+    if object_type.lower() != noun:
+        raise InvalidEvent(f"event object type {object_type[:20]!r} is not a {noun}")
     try:
         vault_url = normalize_vault_url(f"https://{parts.netloc}")
     except ConfigError as error:
@@ -93,7 +109,7 @@ def parse_event(event_type: str | None, event_id: str | None, data: Any) -> Vaul
         event_id=(event_id or "").strip()[:128],
         event_type=kind,
         vault_url=vault_url,
-        object_type="Secret",
+        object_type=expected,
         name=name,
         version=version.lower(),
         expires_on=_epoch(_text(fields, "exp")),

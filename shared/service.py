@@ -1,4 +1,4 @@
-"""Composition root: builds the engine from app settings with the real Azure clients.
+"""Composition root: builds the engine (secrets) and the key rotation service from app settings.
 
 Production and the local stack use this same code; only the settings differ
 (vault URLs, the ledger's endpoint, a CA bundle for the local vault). Clients
@@ -6,9 +6,11 @@ are created once per worker process and reused across invocations.
 """
 
 import threading
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from azure.core.credentials import TokenCredential
 from azure.data.tables import TableServiceClient
 from azure.identity import DefaultAzureCredential
 from azure.keyvault.secrets import SecretClient
@@ -19,8 +21,59 @@ from shared.ledger import Ledger
 from shared.notify import build_notifier
 from shared.settings import Settings
 
+if TYPE_CHECKING:
+    from azure.keyvault.keys import KeyClient
+
+    from shared.keys import KeyRotationService
+
 _lock = threading.Lock()
 _engine: RotationEngine | None = None
+_keys: "KeyRotationService | None" = None
+
+
+def key_client_factory(settings: Settings, credential: TokenCredential) -> "Callable[[str], KeyClient]":
+    """`key_client(vault_url)`: one KeyClient per vault, with the SecretClient's options."""
+    from azure.keyvault.keys import KeyClient  # noqa: PLC0415 - only the key paths pay for this import
+
+    @lru_cache(maxsize=32)
+    def key_client(vault_url: str) -> KeyClient:
+        options: dict[str, object] = {
+            "api_version": settings.keyvault_api_version,
+            "verify_challenge_resource": settings.keyvault_verify_challenge_resource,
+        }
+        if settings.keyvault_ca_bundle:
+            options["connection_verify"] = settings.keyvault_ca_bundle
+        return KeyClient(vault_url, credential, **options)
+
+    return key_client
+
+
+def build_keys(settings: Settings, **options: Any) -> "KeyRotationService":
+    """The key rotation service with real clients; `options` (clock) serve tests."""
+    from shared.keys import KeyRotationService  # noqa: PLC0415
+
+    return KeyRotationService(key_client_factory(settings, DefaultAzureCredential()), settings, **options)
+
+
+def keys() -> "KeyRotationService":
+    """The process-wide key rotation service, built on first use from the environment."""
+    global _keys  # noqa: PLW0603 - one per worker process, created lazily
+    with _lock:
+        if _keys is None:
+            _keys = build_keys(Settings.from_env())
+        return _keys
+
+
+def use_keys(replacement: "KeyRotationService | None") -> None:
+    """Install a key rotation service (or clear it, so the next call builds one from the environment)."""
+    global _keys  # noqa: PLW0603
+    with _lock:
+        _keys = replacement
+
+
+def key_client(vault_url: str) -> "KeyClient":
+    """The process-wide service's KeyClient for `vault_url`."""
+    return keys().key_client(vault_url)
 
 
 def build_engine(settings: Settings, **engine_options: Any) -> RotationEngine:

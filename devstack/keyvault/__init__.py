@@ -1,6 +1,7 @@
-"""Key Vault (secrets) emulator: HTTPS, bearer challenge, managed identity, events, faults."""
+"""Key Vault (secrets and keys) emulator: HTTPS, bearer challenge, managed identity, events, faults."""
 
 from .certs import CertPaths, ensure_certs, generate_certs
+from .keys import KEY_EXPIRED, KEY_NEAR_EXPIRY, KeyStore
 from .server import (
     EXPIRED,
     NEAR_EXPIRY,
@@ -17,6 +18,8 @@ from .server import (
 
 __all__ = [
     "EXPIRED",
+    "KEY_EXPIRED",
+    "KEY_NEAR_EXPIRY",
     "NEAR_EXPIRY",
     "CertPaths",
     "Delivery",
@@ -24,6 +27,7 @@ __all__ = [
     "EmulatorCredential",
     "EventSchema",
     "Fault",
+    "KeyStore",
     "KeyVaultEmulator",
     "Subscription",
     "VaultError",

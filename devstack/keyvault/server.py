@@ -1,14 +1,16 @@
-"""A local Azure Key Vault (secrets) emulator for the unmodified azure-keyvault-secrets client.
+"""A local Azure Key Vault emulator for the unmodified azure-keyvault-secrets and -keys clients.
 
 Two servers run on 127.0.0.1:
 
-* the vault, over HTTPS with a generated CA: the Key Vault bearer challenge and the secrets
-  REST API, plus unauthenticated control endpoints under ``/_emulator/``;
+* the vault, over HTTPS with a generated CA: the Key Vault bearer challenge, the secrets
+  REST API and the keys REST API (``keys.py``), plus unauthenticated control endpoints under
+  ``/_emulator/``;
 * an App Service style managed-identity endpoint over plain HTTP, so that
   ``DefaultAzureCredential()`` works unchanged with ``IDENTITY_ENDPOINT``/``IDENTITY_HEADER``.
 
-It can also publish ``SecretNearExpiry``/``SecretExpired`` events to webhooks the way Event Grid
-does, shift its clock, and inject faults. Secret values are never logged.
+It can also publish ``SecretNearExpiry``/``SecretExpired`` and ``KeyNearExpiry``/``KeyExpired``
+events to webhooks the way Event Grid does, shift its clock, and inject faults. Secret values
+are never logged.
 """
 
 from __future__ import annotations
@@ -33,12 +35,15 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import parse_qs, urlsplit
 
 from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
 
 from .certs import CertPaths, ensure_certs
+
+if TYPE_CHECKING:
+    from .keys import KeyStore
 
 log = logging.getLogger("devstack.keyvault")
 
@@ -66,6 +71,15 @@ _TEMPLATES = [
     (re.compile(r"deletedsecrets"), "/deletedsecrets"),
     (re.compile(r"deletedsecrets/[^/]+"), "/deletedsecrets/{name}"),
     (re.compile(r"deletedsecrets/[^/]+/(?i:recover)"), "/deletedsecrets/{name}/recover"),
+    (re.compile(r"keys"), "/keys"),
+    (re.compile(r"keys/[^/]+"), "/keys/{name}"),
+    (re.compile(r"keys/[^/]+/(?i:versions)"), "/keys/{name}/versions"),
+    (re.compile(r"keys/[^/]+/(?i:create)"), "/keys/{name}/create"),
+    (re.compile(r"keys/[^/]+/(?i:rotate)"), "/keys/{name}/rotate"),
+    (re.compile(r"keys/[^/]+/(?i:rotationpolicy)"), "/keys/{name}/rotationpolicy"),
+    (re.compile(r"keys/[^/]+/[^/]+"), "/keys/{name}/{version}"),
+    (re.compile(r"keys/[^/]+/[^/]+/(?i:encrypt)"), "/keys/{name}/{version}/encrypt"),
+    (re.compile(r"keys/[^/]+/[^/]+/(?i:decrypt)"), "/keys/{name}/{version}/decrypt"),
 ]
 
 _DELIVERY_ATTEMPTS = 3
@@ -272,8 +286,11 @@ def build_event(
     event_time: dt.datetime,
     schema: EventSchema = "EventGridSchema",
     event_id: str | None = None,
+    object_type: Literal["Secret", "Key"] = "Secret",
 ) -> dict[str, Any]:
     """One Key Vault event as Event Grid would deliver it (a single event, not the batch array).
+
+    ``secret_name`` is the object's name: a key's for ``object_type="Key"``.
 
     The Event Grid schema is POSTed as a JSON array of such events, the CloudEvents schema as the
     object itself with ``Content-Type: application/cloudevents+json``.
@@ -283,9 +300,9 @@ def build_event(
         f"/providers/Microsoft.KeyVault/vaults/{vault_name}"
     )
     data = {
-        "Id": f"{vault_url}/secrets/{secret_name}/{version}",
+        "Id": f"{vault_url}/{object_type.lower()}s/{secret_name}/{version}",
         "VaultName": vault_name,
-        "ObjectType": "Secret",
+        "ObjectType": object_type,
         "ObjectName": secret_name,
         "Version": version,
         "NBF": nbf,
@@ -604,6 +621,9 @@ class KeyVaultEmulator:
         self._subscriptions: list[Subscription] = []
         self._emitted: set[tuple[str, str, str]] = set()
         self._values_stored: set[str] = set()
+        from .keys import KeyStore  # noqa: PLC0415 - keys.py builds on this module
+
+        self._keys: KeyStore = KeyStore(self.clock, lambda: self.vault_url, self._page)
 
         self._certs: CertPaths | None = None
         self._vault_server: _TlsHTTPServer | None = None
@@ -819,6 +839,32 @@ class KeyVaultEmulator:
                 schema=schema,
             )
 
+    def events_for_key(
+        self,
+        name: str,
+        version: str | None = None,
+        event_type: str = "Microsoft.KeyVault.KeyNearExpiry",
+        schema: EventSchema = "EventGridSchema",
+    ) -> dict[str, Any]:
+        """The event Key Vault would publish for a stored key version (default: the latest)."""
+        with self._lock:
+            key = self._keys.keys.get(name.lower())
+            found = None if key is None else (key.find(version) if version else key.latest)
+            if key is None or found is None:
+                raise KeyError(f"no key version {name}/{version or ''}")
+            return build_event(
+                event_type=event_type,
+                vault_name=self.vault_name,
+                vault_url=self.vault_url,
+                secret_name=key.name,
+                version=found.version,
+                nbf=found.nbf,
+                exp=found.exp,
+                event_time=self.clock.now(),
+                schema=schema,
+                object_type="Key",
+            )
+
     def values_stored(self) -> set[str]:
         """Every secret value ever set in this vault, purged ones included (for leak scans)."""
         with self._lock:
@@ -827,8 +873,11 @@ class KeyVaultEmulator:
     def publish_due_events(self) -> list[dict[str, Any]]:
         """Emit NearExpiry/Expired events that are due and deliver them to every subscriber.
 
-        Each (version, event type) is emitted once. Returns the emitted events in the Event Grid
-        schema; CloudEvents subscribers get the same events (same ids) in their schema.
+        Secrets and keys alike; each (version, event type) is emitted once. Keys whose rotation
+        policy has a due Rotate action are rotated first, as Key Vault's auto-rotation does.
+        A key's KeyNearExpiry follows its policy's Notify action (default 30 days before expiry).
+        Returns the emitted events in the Event Grid schema; CloudEvents subscribers get the same
+        events (same ids) in their schema.
         """
         now = self.clock.now()
         due: list[dict[str, Any]] = []
@@ -855,6 +904,24 @@ class KeyVaultEmulator:
                                     event_time=now,
                                 )
                             )
+            self._keys.auto_rotate(now)
+            for stored_key, key_version, event_type in self._keys.due(now):
+                emitted = (stored_key.name.lower(), key_version.version, event_type)
+                if emitted not in self._emitted:
+                    self._emitted.add(emitted)
+                    due.append(
+                        build_event(
+                            event_type=event_type,
+                            vault_name=self.vault_name,
+                            vault_url=self.vault_url,
+                            secret_name=stored_key.name,
+                            version=key_version.version,
+                            nbf=key_version.nbf,
+                            exp=key_version.exp,
+                            event_time=now,
+                            object_type="Key",
+                        )
+                    )
         for event in due:
             for subscription in subscriptions:
                 delivery = _deliver(subscription, _convert_event(event, subscription.schema))
@@ -1092,6 +1159,10 @@ class KeyVaultEmulator:
         path: str,
     ) -> tuple[int, Any]:
         name = segments[1] if len(segments) > 1 else ""
+        if template.startswith("/keys"):
+            if name:
+                self._check_name(name, "Key")
+            return self._keys.handle(method, template, segments=segments, query=query, body=body, path=path)
         handlers: dict[str, dict[str, Any]] = {
             "/secrets": {"GET": lambda: self._list_secrets(query)},
             "/secrets/{name}": {
@@ -1125,10 +1196,10 @@ class KeyVaultEmulator:
         return cast(tuple[int, Any], handler())
 
     @staticmethod
-    def _check_name(name: str) -> None:
+    def _check_name(name: str, kind: str = "Secret") -> None:
         if not _NAME_RE.match(name):
             raise _bad(
-                f"The request URI contains an invalid name: {name[:130]}. Secret names may "
+                f"The request URI contains an invalid name: {name[:130]}. {kind} names may "
                 "contain only 0-9, a-z, A-Z and -, and be 1 to 127 characters long."
             )
 
