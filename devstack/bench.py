@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,9 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         for index, name in enumerate(names):
             provision_postgres_secret(stack, name, prefix=f"bench_{index}", expires_on=expires, overlap="P1D")
 
-        rotations = [
-            timed(lambda n=name: engine.rotate(stack.vault.vault_url, n, trigger="bench")) for name in names
-        ]
+        vault_url = stack.vault.vault_url
+        rotations = [timed(partial(engine.rotate, vault_url, name, trigger="bench")) for name in names]
         print(f"manual rotation, end to end: {percentiles(rotations)}")
         steps: dict[str, list[float]] = {}
         for name in names:
@@ -82,10 +82,10 @@ def main(argv: list[str] | None = None) -> None:
         engine_events = [parse_payload(body)[0] for body in stale]
         for name in names:  # make every event stale: the secret moved on
             engine.rotate(stack.vault.vault_url, name, trigger="bench", emergency=True)
-        drops = [timed(lambda e=event: engine.handle_event(e)) for event in engine_events]
+        drops = [timed(partial(engine.handle_event, event)) for event in engine_events]
         print(f"stale event dropped: {percentiles(drops)}")
 
-        status = [timed(lambda n=name: api.status(engine, n, {})) for name in names]
+        status = [timed(partial(api.status, engine, name, {})) for name in names]
         print(f"GET /secrets/{{name}}/rotation: {percentiles(status)}")
         listing = [timed(lambda: api.list_rotations(engine, {"page_size": "200"})) for _ in range(5)]
         print(f"GET /rotations with {args.secrets} managed secrets: {percentiles(listing)}")

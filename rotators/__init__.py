@@ -25,7 +25,23 @@ def _postgres() -> Rotator:
     return PostgresRotator()
 
 
-BUILT_IN: dict[str, Callable[[], Rotator]] = {"postgres": _postgres}
+def _storage_key() -> Rotator:
+    from rotators.storage_key import StorageKeyRotator  # noqa: PLC0415 - azure-mgmt-storage loads only when used
+
+    return StorageKeyRotator()
+
+
+def _api_key() -> Rotator:
+    from rotators.api_key import ApiKeyRotator  # noqa: PLC0415
+
+    return ApiKeyRotator()
+
+
+BUILT_IN: dict[str, Callable[[], Rotator]] = {
+    "postgres": _postgres,
+    "storage-key": _storage_key,
+    "api-key": _api_key,
+}
 
 
 class RotatorRegistry:
