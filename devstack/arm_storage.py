@@ -455,19 +455,18 @@ class ArmStorageStandIn:
             )
         token = authorization[len("bearer ") :].strip()
         # Tokens are those the emulator's managed-identity endpoint issued (it keeps the register).
-        emulator = self.emulator
-        with emulator._lock:
-            issued = emulator._tokens.get(token)
-        if issued is None or issued.expires_on <= time.time():
+        issued = self.emulator.token_info(token)
+        if issued is None or issued[1] <= time.time():
             return self._challenge(
                 "InvalidAuthenticationToken",
                 "The access token is invalid or expired.",
                 "The access token is invalid or expired.",
             )
-        if issued.resource not in ARM_AUDIENCES:
+        resource = issued[0]
+        if resource not in ARM_AUDIENCES:
             return self._challenge(
                 "InvalidAuthenticationTokenAudience",
-                f"The access token has been obtained for wrong audience or resource '{issued.resource}'. "
+                f"The access token has been obtained for wrong audience or resource '{resource}'. "
                 "It should exactly match with one of the allowed audiences "
                 "'https://management.azure.com/','https://management.core.windows.net/'.",
                 "The access token has an invalid audience.",

@@ -730,6 +730,12 @@ class KeyVaultEmulator:
         """A TokenCredential for tests that do not want to set environment variables."""
         return EmulatorCredential(self)
 
+    def token_info(self, token: str) -> tuple[str, int] | None:
+        """(resource, expires_on) of a token the identity endpoint issued, or None (for other stand-ins)."""
+        with self._lock:
+            issued = self._tokens.get(token)
+            return (issued.resource, issued.expires_on) if issued else None
+
     def issue_token(self, resource: str, client_id: str | None = None) -> tuple[str, int]:
         """Issue an opaque, JWT-shaped token for ``resource``; returns (token, expires_on)."""
         now = int(time.time())
