@@ -22,7 +22,6 @@ every stand-in shares one CA.
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -30,7 +29,6 @@ import json
 import logging
 import re
 import secrets
-import socket
 import ssl
 import threading
 import time
@@ -39,13 +37,13 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import parse_qsl, urlsplit
 
 from devstack.keyvault.certs import CertPaths, ensure_certs
+from devstack.tls_server import QuietHandler, TlsHTTPServer
 
 if TYPE_CHECKING:
     from devstack.keyvault import KeyVaultEmulator
@@ -174,73 +172,16 @@ def _signature(key: str, text: str) -> str:
     return base64.b64encode(digest).decode()
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
+class _Server(TlsHTTPServer):
     def __init__(self, stand_in: ArmStorageStandIn, plane: Plane, context: ssl.SSLContext) -> None:
         self.stand_in = stand_in
         self.plane: Plane = plane
-        self._context = context
-        self._active_lock = threading.Lock()
-        self._active: dict[threading.Thread, socket.socket] = {}
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, address = self.socket.accept()
-        # The handshake happens on the handler thread, so a stuck client cannot stall accept().
-        return self._context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("connection from %s ended with an error", client_address, exc_info=True)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        with self._active_lock:
-            self._active[threading.current_thread()] = request
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._active_lock:
-                self._active.pop(threading.current_thread(), None)
-
-    def close_connections(self, timeout: float = 5.0) -> None:
-        with self._active_lock:
-            active = list(self._active.items())
-        for thread, sock in active:
-            with contextlib.suppress(OSError):
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            thread.join(timeout)
+        super().__init__(_Handler, context)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-
-    def version_string(self) -> str:
-        return "devstack-arm-storage"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        log.debug("%s %s %s", self.command, urlsplit(self.path).path, code)
-
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_POST(self) -> None:
-        self._dispatch()
-
-    def do_PUT(self) -> None:
-        self._dispatch()
-
-    def do_PATCH(self) -> None:
-        self._dispatch()
-
-    def do_DELETE(self) -> None:
-        self._dispatch()
-
-    def do_HEAD(self) -> None:
-        self._dispatch()
+class _Handler(QuietHandler):
+    server_name = "devstack-arm-storage"
+    request_log = log
 
     def _dispatch(self) -> None:
         server = cast(_Server, self.server)

@@ -22,26 +22,24 @@ directory, both stand-ins share one CA.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import logging
 import re
 import secrets
-import socket
 import ssl
 import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, cast
 from urllib.parse import unquote, urlsplit
 
 from devstack.keyvault.certs import CertPaths, ensure_certs
+from devstack.tls_server import QuietHandler, TlsHTTPServer
 
 log = logging.getLogger("devstack.vendor_api")
 
@@ -97,69 +95,15 @@ class _Fault:
     path_prefix: str | None
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
+class _Server(TlsHTTPServer):
     def __init__(self, api: VendorApi, context: ssl.SSLContext) -> None:
         self.api = api
-        self._context = context
-        self._active_lock = threading.Lock()
-        self._active: dict[threading.Thread, socket.socket] = {}
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, address = self.socket.accept()
-        # The handshake happens on the handler thread, so a stuck client cannot stall accept().
-        return self._context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("connection from %s ended with an error", client_address, exc_info=True)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        with self._active_lock:
-            self._active[threading.current_thread()] = request
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._active_lock:
-                self._active.pop(threading.current_thread(), None)
-
-    def close_connections(self, timeout: float = 5.0) -> None:
-        with self._active_lock:
-            active = list(self._active.items())
-        for thread, sock in active:
-            with contextlib.suppress(OSError):
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            thread.join(timeout)
+        super().__init__(_Handler, context)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-
-    def version_string(self) -> str:
-        return "devstack-vendor-api"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        log.debug("%s %s %s", self.command, urlsplit(self.path).path, code)
-
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_POST(self) -> None:
-        self._dispatch()
-
-    def do_PUT(self) -> None:
-        self._dispatch()
-
-    def do_PATCH(self) -> None:
-        self._dispatch()
-
-    def do_DELETE(self) -> None:
-        self._dispatch()
+class _Handler(QuietHandler):
+    server_name = "devstack-vendor-api"
+    request_log = log
 
     def _dispatch(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)

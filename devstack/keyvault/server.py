@@ -16,7 +16,6 @@ are never logged.
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import http.client
 import json
@@ -32,13 +31,14 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import parse_qs, urlsplit
 
 from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
+
+from devstack.tls_server import QuietHandler, TlsHTTPServer
 
 from .certs import CertPaths, ensure_certs
 
@@ -446,65 +446,19 @@ class EmulatorCredential:
         pass
 
 
-class _TlsHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class _TlsHTTPServer(TlsHTTPServer):
     def __init__(self, emulator: KeyVaultEmulator, context: ssl.SSLContext | None) -> None:
         self.emulator = emulator
-        self._context = context
-        self._active_lock = threading.Lock()
-        self._active: dict[threading.Thread, socket.socket] = {}
-        handler = _VaultHandler if context is not None else _IdentityHandler
-        super().__init__(("127.0.0.1", 0), handler)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, address = self.socket.accept()
-        if self._context is None:
-            return sock, address
-        # The handshake happens on the handler thread's first read, so a slow or broken client
-        # cannot stall the accept loop.
-        return self._context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("connection from %s ended with an error", client_address, exc_info=True)
-
-    # Keep-alive connections would otherwise keep their handler threads blocked in recv after
-    # stop(): track them so close_connections() can end them.
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        with self._active_lock:
-            self._active[threading.current_thread()] = request
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._active_lock:
-                self._active.pop(threading.current_thread(), None)
-
-    def close_connections(self, timeout: float = 5.0) -> None:
-        with self._active_lock:
-            active = list(self._active.items())
-        for thread, sock in active:
-            # The plain socket's shutdown: SSLSocket.shutdown would race the reading thread.
-            with contextlib.suppress(OSError):
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            thread.join(timeout)
+        super().__init__(_VaultHandler if context is not None else _IdentityHandler, context)
 
 
-class _BaseHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-
-    def version_string(self) -> str:
-        return "devstack-keyvault"
+class _BaseHandler(QuietHandler):
+    server_name = "devstack-keyvault"
+    request_log = log
 
     @property
     def emulator(self) -> KeyVaultEmulator:
         return cast(_TlsHTTPServer, self.server).emulator
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        log.debug("%s %s %s", self.command, urlsplit(self.path).path, code)
 
     def handle_one_request(self) -> None:
         try:
@@ -534,21 +488,6 @@ class _BaseHandler(BaseHTTPRequestHandler):
 
 
 class _VaultHandler(_BaseHandler):
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_PUT(self) -> None:
-        self._dispatch()
-
-    def do_POST(self) -> None:
-        self._dispatch()
-
-    def do_PATCH(self) -> None:
-        self._dispatch()
-
-    def do_DELETE(self) -> None:
-        self._dispatch()
-
     def _dispatch(self) -> None:
         raw = self._read_body()
         url = urlsplit(self.path)
@@ -575,8 +514,11 @@ class _VaultHandler(_BaseHandler):
 
 
 class _IdentityHandler(_BaseHandler):
-    def do_GET(self) -> None:
+    def _dispatch(self) -> None:
         self._read_body()
+        if self.command != "GET":
+            self._send_json(405, {"error": "method_not_allowed"})
+            return
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         status, body = self.emulator._identity_request(url.path, query, self.headers.get("X-IDENTITY-HEADER"))
