@@ -208,11 +208,11 @@ class RotationEngine:
 
         state = self.ledger.get(vault_url, name)
         now = self._clock()
+        if state and state.lease_held(now):
+            return self._log(
+                Outcome(IN_PROGRESS, name, "a rotation of this secret is in progress", state.rotation_id)
+            )
         if state and state.state == ROTATING:
-            if state.lease_held(now):
-                return self._log(
-                    Outcome(IN_PROGRESS, name, "a rotation of this secret is in progress", state.rotation_id)
-                )
             return self._resume(state)
 
         client = self._secret_client(vault_url)
@@ -386,6 +386,8 @@ class RotationEngine:
             return Outcome(DROPPED, name, "nothing to retire")
         if state.retire_after and state.retire_after > self._clock():
             return Outcome(DEFERRED, name, f"overlap runs until {state.retire_after.isoformat()}")
+        if state.lease_held(self._clock()):
+            return Outcome(IN_PROGRESS, name, "the retirement is in progress", state.rotation_id)
         return self._retire(state)
 
     def sweep(self) -> list[Outcome]:
@@ -398,6 +400,8 @@ class RotationEngine:
             if not self.settings.vault_allowed(state.vault_url):
                 continue
             with self._isolated(state.name, outcomes):
+                if state.lease_held(now):
+                    continue
                 if state.state == OVERLAP and state.retire_after and state.retire_after <= now:
                     outcomes.append(self._retire(state))
                 elif state.state == ROTATING and not state.lease_held(now):
@@ -587,6 +591,7 @@ class RotationEngine:
                     what="restore previous secret version",
                 )
             self._checkpoint("after:rollback-write")
+            self.ledger.save(state)  # still ours? (fence before the upstream revoke)
             self._rotators.get(config.rotator).retire(context, state.to_slot)
             self._checkpoint("after:rollback-revoke")
         except ConcurrentUpdate:
@@ -598,7 +603,12 @@ class RotationEngine:
         now = self._clock()
         state.state, state.step, state.lease_until, state.pending_credential = IDLE, "", None, ""
         state.last_outcome, state.last_attempt_on = ROLLED_BACK, now
-        self.ledger.save(state)
+        try:
+            self.ledger.save(state)
+        except ConcurrentUpdate:
+            return Outcome(
+                IN_PROGRESS, state.name, "the rollback was taken over by another run", state.rotation_id
+            )
         self._write_history(state, outcome=ROLLED_BACK, ended_on=now, error=reason)
         outcome = Outcome(ROLLED_BACK, state.name, f"rolled back: {reason}", state.rotation_id)
         return self._tell(self._log(outcome), state)
@@ -613,11 +623,13 @@ class RotationEngine:
                 raise UnsafeOperation(
                     f"slot {state.retire_slot} is the one the newest version uses: refusing to retire it"
                 )
-            state.step = "retire"
-            self.ledger.save(state)
-            started = time.perf_counter()
+            # Retiring is claimed like a rotation: a lease, taken by a conditional write right
+            # before the revoke, so no other run can rotate onto this slot meanwhile.
+            state.step, state.lease_until = "retire", self._clock() + self.settings.lease
             context = RotationContext(config, client, self._credential, self.settings)
             self._checkpoint("before:retire")
+            self.ledger.save(state)
+            started = time.perf_counter()
             self._rotators.get(config.rotator).retire(context, state.retire_slot)
             self._checkpoint("after:retire-upstream")
             if state.retire_version:
@@ -627,7 +639,8 @@ class RotationEngine:
         except ConcurrentUpdate:
             return Outcome(IN_PROGRESS, state.name, "retirement taken over by another run", state.rotation_id)
         except Exception as error:
-            state.last_error, state.last_attempt_on = describe_error(error), self._clock()
+            now = self._clock()
+            state.last_error, state.last_attempt_on, state.lease_until = describe_error(error), now, now
             with suppress(ConcurrentUpdate):
                 self.ledger.save(state)
             logger.error("%s: retiring slot %s failed: %s", state.name, state.retire_slot, state.last_error)
@@ -637,7 +650,10 @@ class RotationEngine:
         state.state, state.step, state.lease_until = IDLE, "", None
         state.retire_slot, state.retire_version, state.retire_after = "", "", None
         state.last_error = ""
-        self.ledger.save(state)
+        try:
+            self.ledger.save(state)
+        except ConcurrentUpdate:
+            return Outcome(IN_PROGRESS, state.name, "retirement taken over by another run", state.rotation_id)
         self._write_history(state, retired_on=now)
         return self._log(
             Outcome(RETIRED, state.name, f"retired slot {slot} (version {version})", state.rotation_id)
@@ -661,11 +677,13 @@ class RotationEngine:
             # The new version is live: keep the rotation open so the next trigger finishes it.
             self._save_quietly(state)
             return Outcome(ROTATION_FAILED, state.name, message, state.rotation_id, retryable=True)
+        revoked = True
         if not written and revoke is not None and state.pending_credential:
             rotator, context = revoke
             try:
                 rotator.retire(context, state.to_slot)
             except Exception as revoke_error:
+                revoked = False  # the orphan stays recorded in pending_credential
                 logger.warning(
                     "%s: could not revoke unused slot %s: %s",
                     state.name,
@@ -673,9 +691,9 @@ class RotationEngine:
                     describe_error(revoke_error),
                 )
         state.state = FAILED if written else IDLE
-        state.step, state.pending_credential = (
-            ("", "") if not written else (state.step, state.pending_credential)
-        )
+        if not written:
+            state.step = ""
+            state.pending_credential = "" if revoked else state.pending_credential
         state.last_outcome = ROTATION_FAILED
         self._save_quietly(state)
         self._write_history(state, outcome=ROTATION_FAILED, ended_on=now, error=message)
@@ -689,8 +707,10 @@ class RotationEngine:
     @contextmanager
     def _step(self, state: SecretState, step: str) -> Iterator[None]:
         state.step = step
-        self.ledger.save(state)
         self._checkpoint(f"before:{step}")
+        # A conditional write right before the step's work: a run that stalled past its lease
+        # and was taken over finds the row changed here and stops (ConcurrentUpdate).
+        self.ledger.save(state)
         started = time.perf_counter()
         yield
         state.record_timing(step, (time.perf_counter() - started) * 1000)

@@ -81,7 +81,8 @@ class SecretState:
     etag: str | None = field(default=None, compare=False)
 
     def lease_held(self, now: datetime) -> bool:
-        return self.state == ROTATING and self.lease_until is not None and self.lease_until > now
+        """A live run holds this row: a rotation, or the retirement of an overlap."""
+        return self.state in (ROTATING, OVERLAP) and self.lease_until is not None and self.lease_until > now
 
     def record_timing(self, step: str, milliseconds: float) -> None:
         timings = json.loads(self.step_timings or "{}")

@@ -270,7 +270,7 @@ ROTATION_POINTS = [
     "before:finish",
     "after:finish",
 ]
-RETIRE_POINTS = ["before:retire", "after:retire"]
+RETIRE_POINTS = ["before:retire", "after:retire-upstream", "after:retire"]
 
 
 class SimulatedCrash(BaseException):
@@ -334,6 +334,7 @@ def test_a_crash_at_any_step_is_finished_by_the_next_trigger(
     if point in RETIRE_POINTS:
         with pytest.raises(SimulatedCrash):
             tick_sweeper()
+        clock.advance(engine.settings.lease + timedelta(seconds=1))  # the crashed retirement's lease
     tick_sweeper()
 
     assert hook.crashed

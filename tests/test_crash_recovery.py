@@ -9,6 +9,8 @@ the newest enabled Key Vault version logs in to PostgreSQL.
 
 import json
 import os
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from threading import Thread
@@ -38,7 +40,7 @@ ROTATION_POINTS = [
     "before:finish",
     "after:finish",
 ]
-RETIRE_POINTS = ["before:retire", "after:retire"]
+RETIRE_POINTS = ["before:retire", "after:retire-upstream", "after:retire"]
 
 
 class SimulatedCrash(BaseException):
@@ -109,6 +111,7 @@ def test_a_crash_at_any_step_is_finished_by_the_next_trigger(
     if point in RETIRE_POINTS:
         with pytest.raises(SimulatedCrash):
             tick_sweeper()
+        clock.advance(engine.settings.lease + timedelta(seconds=1))  # the crashed retirement's lease
     tick_sweeper()
 
     assert hook.crashed
@@ -197,3 +200,59 @@ def test_emergency_rotation_retires_the_old_credential_at_once(
     assert record.emergency
     assert record.reason == "leak"
     assert record.retired_on is not None
+
+
+class Stall:
+    """Pauses the calling thread at one checkpoint, as a GC pause or a slow network would."""
+
+    def __init__(self, point: str, seconds: float) -> None:
+        self.point, self.seconds = point, seconds
+        self.local = threading.local()
+        self.reached = threading.Event()
+
+    def __call__(self, point: str) -> None:
+        if point == self.point and getattr(self.local, "stall", False):
+            self.reached.set()
+            time.sleep(self.seconds)
+
+
+@pytest.mark.parametrize(("point", "advance"), [("before:retire", "overlap"), ("before:create", "lease")])
+def test_a_stalled_run_cannot_revoke_what_a_newer_run_created(
+    stack: LocalStack,
+    vault: SecretClient,
+    unique: str,
+    clock: TestClock,
+    engine_with: object,
+    point: str,
+    advance: str,
+) -> None:
+    """A worker stalls right before an upstream call while another run takes over: when it wakes,
+    its conditional ledger write fails and it stops, instead of revoking the newer credential."""
+    provision_postgres_secret(stack, unique, prefix=unique, expires_on=soon(20), overlap="PT1H")
+    stall = Stall(point, seconds=2.0)
+    engine: RotationEngine = engine_with(clock=clock.now, checkpoint=stall)  # type: ignore[operator]
+    url = stack.vault.vault_url
+    if point == "before:retire":
+        assert engine.rotate(url, unique, trigger="manual").status == "rotated"
+        clock.advance(timedelta(hours=2))  # the overlap is due
+    results: list[str] = []
+
+    def stalled_worker() -> None:
+        stall.local.stall = True
+        if point == "before:retire":
+            results.extend(outcome.status for outcome in engine.sweep() if outcome.secret == unique)
+        else:
+            results.append(engine.rotate(url, unique, trigger="event").status)
+
+    worker = threading.Thread(target=stalled_worker)
+    worker.start()
+    assert stall.reached.wait(30)
+    if advance == "lease":
+        clock.advance(engine.settings.lease + timedelta(seconds=1))  # the stalled run's lease is gone
+        other = [o.status for o in engine.sweep() if o.secret == unique]
+    else:
+        other = [engine.rotate(url, unique, trigger="event").status]
+    worker.join(30)
+    assert "rotated" in other
+    assert results == ["in_progress"]
+    assert can_login(stack, credential(vault, unique))
