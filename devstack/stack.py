@@ -1,7 +1,8 @@
-"""The local stack: Key Vault emulator, Azurite (Table storage) and PostgreSQL, together.
+"""The local stack: Key Vault emulator, Azurite (Table storage), PostgreSQL, and the ARM
+storage and vendor API stand-ins, together.
 
-`LocalStack` starts the three stand-ins and gives the app settings that point
-the unmodified service at them. `provision_postgres_secret` sets up what an
+`LocalStack` starts the stand-ins and gives the app settings that point the
+unmodified service at them. `provision_postgres_secret` sets up what an
 operator would have in Azure: a database with a group role holding the app's
 grants, a first login role, the admin credential in the vault, and a secret
 tagged for rotation.
@@ -19,9 +20,11 @@ from typing import Any
 from azure.keyvault.secrets import KeyVaultSecret, SecretClient
 from psycopg import sql
 
+from devstack.arm_storage import ArmStorageStandIn
 from devstack.azurite import Azurite
 from devstack.keyvault import KeyVaultEmulator
 from devstack.postgres import PostgresServer
+from devstack.vendor_api import VendorApi
 
 APP_DATABASE = "appdb"
 ADMIN_SECRET = "pg-admin"
@@ -34,12 +37,17 @@ class LocalStack:
         self.vault = KeyVaultEmulator(self.base_dir / "keyvault")
         self.azurite = Azurite(self.base_dir / "azurite")
         self.postgres = PostgresServer(self.base_dir / "postgres")
+        # Both share the vault emulator's CA (same certificate directory).
+        self.storage = ArmStorageStandIn(self.base_dir / "keyvault", self.vault)
+        self.vendor = VendorApi(self.base_dir / "keyvault")
 
     def start(self, publish_interval: float | None = None) -> "LocalStack":
         try:
             self.postgres.start()
             self.azurite.start()
             self.vault.start(publish_interval=publish_interval)
+            self.storage.start()
+            self.vendor.start()
             self._prepare_database()
         except BaseException:
             self.stop()
@@ -47,7 +55,8 @@ class LocalStack:
         return self
 
     def stop(self) -> None:
-        for server in (self.vault, self.azurite, self.postgres):
+        servers: tuple[Any, ...] = (self.vendor, self.storage, self.vault, self.azurite, self.postgres)
+        for server in servers:
             try:
                 server.stop()
             except Exception:  # noqa: S112 - stop the others whatever one does
@@ -67,9 +76,13 @@ class LocalStack:
         """The Function App settings that aim the service at this stack."""
         return {
             "ROTATION_ALLOWED_VAULTS": self.vault.vault_url,
-            "ROTATION_ALLOWED_TARGETS": f"127.0.0.1:{self.postgres.port}",
+            # Storage accounts are allowed one by one (`<account>.blob.core.windows.net:443`).
+            "ROTATION_ALLOWED_TARGETS": f"127.0.0.1:{self.postgres.port},127.0.0.1:{self.vendor.port}",
             "ROTATION_POSTGRES_SSLMODE": "disable",
             "KEYVAULT_CA_BUNDLE": str(self.vault.ca_path),
+            "ROTATION_UPSTREAM_CA_BUNDLE": str(self.vault.ca_path),
+            "ROTATION_ARM_ENDPOINT": self.storage.arm_endpoint,
+            "ROTATION_STORAGE_BLOB_ENDPOINT": self.storage.blob_endpoint_template,
             "KEYVAULT_VERIFY_CHALLENGE_RESOURCE": "false",
             "LEDGER_CONNECTION_STRING": self.azurite.connection_string,
             **self.vault.identity_env(),
