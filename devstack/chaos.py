@@ -93,6 +93,7 @@ from azure.functions.timer import TimerRequest
 from azure.keyvault.secrets import SecretClient
 
 from devstack.keyvault.server import Fault
+from devstack.postgres import session_user
 from devstack.stack import LocalStack, provision_postgres_secret
 from shared import service
 from shared.engine import CHECKPOINTS, RotationEngine
@@ -270,20 +271,12 @@ class PostgresKind:
     def authenticate(self, value: str) -> Auth:
         credential = json.loads(value)
         try:
-            with psycopg.connect(
-                host=str(credential["host"]),
-                port=int(credential["port"]),
-                dbname=str(credential["dbname"]),
-                user=str(credential["username"]),
-                password=str(credential["password"]),
-                connect_timeout=3,
-            ) as conn:
-                row = conn.execute("SELECT session_user").fetchone()
+            user = session_user(credential, connect_timeout=3)
         except psycopg.OperationalError as error:
             # 28P01 invalid_password, 28000 invalid_authorization_specification
             refused = error.sqlstate in ("28P01", "28000") or "authentication failed" in str(error)
             return Auth.DENIED if refused else Auth.DOWN
-        return Auth.OK if row and row[0] == credential["username"] else Auth.DENIED
+        return Auth.OK if user == credential["username"] else Auth.DENIED
 
     def slot_of(self, value: str) -> str:
         return str(json.loads(value).get("username", ""))

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
+from devstack.postgres import session_user
 from devstack.runner import LocalFunctionHost
 from devstack.stack import LocalStack, provision_postgres_secret
 from shared import service
@@ -52,15 +53,7 @@ def wait_for(what: str, check: Callable[[], T | None], deadline: float) -> T:
 
 def logs_in(credential: dict[str, Any]) -> bool:
     try:
-        with psycopg.connect(
-            host=str(credential["host"]),
-            port=int(credential["port"]),
-            dbname=str(credential["dbname"]),
-            user=str(credential["username"]),
-            password=str(credential["password"]),
-            connect_timeout=5,
-        ) as conn:
-            conn.execute("SELECT 1")
+        session_user(credential)
         return True
     except psycopg.OperationalError:
         return False

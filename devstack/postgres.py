@@ -23,9 +23,10 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 import psycopg
 from psycopg.conninfo import make_conninfo
@@ -36,6 +37,23 @@ from devstack.ports import free_port, port_is_open
 PG_LIB_DIR = Path("/usr/lib/postgresql")  # Debian/Ubuntu: one <version>/bin per installed server
 SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")
 SETUP_HINT = "run scripts/setup (or install the server: apt-get install postgresql)"
+
+
+def session_user(credential: Mapping[str, Any], connect_timeout: int = 5) -> str:
+    """Log in with a credential as the PostgreSQL rotator stores it; return the session user.
+
+    Raises psycopg.OperationalError when the login is refused or the server is down.
+    """
+    with psycopg.connect(
+        host=str(credential["host"]),
+        port=int(str(credential["port"])),
+        dbname=str(credential["dbname"]),
+        user=str(credential["username"]),
+        password=str(credential["password"]),
+        connect_timeout=connect_timeout,
+    ) as conn:
+        row = conn.execute("SELECT session_user").fetchone()
+    return str(row[0]) if row else ""
 
 
 class PostgresNotFoundError(RuntimeError):

@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from azure.keyvault.secrets import SecretClient
 
+from devstack.postgres import session_user
 from devstack.stack import LocalStack
 from shared import service
 from shared.engine import RotationEngine
@@ -101,17 +102,9 @@ def soon(days: int = 20) -> datetime:
 
 def login(stack: LocalStack, credential: dict[str, object]) -> str:
     """Log in with a credential as stored in the secret; return the session user."""
-    with psycopg.connect(
-        host=str(credential["host"]),
-        port=int(str(credential["port"])),
-        dbname=str(credential["dbname"]),
-        user=str(credential["username"]),
-        password=str(credential["password"]),
-        connect_timeout=5,
-    ) as conn:
-        row = conn.execute("SELECT session_user").fetchone()
-    assert row is not None
-    return str(row[0])
+    user = session_user(credential)
+    assert user
+    return user
 
 
 def can_login(stack: LocalStack, credential: dict[str, object]) -> bool:

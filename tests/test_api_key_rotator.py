@@ -30,6 +30,7 @@ from shared.errors import ConfigError
 from shared.ledger import IDLE, OVERLAP
 from shared.settings import Settings
 from tests.conftest import soon
+from tests.crashes import RETIRE_POINTS, ROTATION_POINTS, SimulatedCrash, TestClock
 from tests.hosting import deliver_event, tick_sweeper
 
 ALT_TAGS = {
@@ -256,38 +257,6 @@ def test_duplicate_and_stale_events_change_nothing(
 
 
 # ------------------------------------------------------------------ crashes at every step
-
-ROTATION_POINTS = [
-    "after:claim",
-    "before:create",
-    "after:create",
-    "before:verify",
-    "after:verify",
-    "before:write",
-    "after:write",
-    "before:validate",
-    "after:validate",
-    "before:finish",
-    "after:finish",
-]
-RETIRE_POINTS = ["before:retire", "after:retire-upstream", "after:retire"]
-
-
-class SimulatedCrash(BaseException):
-    """Stands for the worker process dying at a checkpoint."""
-
-
-class TestClock:
-    __test__ = False
-
-    def __init__(self) -> None:
-        self.offset = timedelta(0)
-
-    def now(self) -> datetime:
-        return datetime.now(UTC) + self.offset
-
-    def advance(self, delta: timedelta) -> None:
-        self.offset += delta
 
 
 class CrashOnce:

@@ -11,7 +11,7 @@ import json
 import os
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from threading import Thread
 
@@ -23,41 +23,10 @@ from devstack.stack import LocalStack, provision_postgres_secret
 from shared.engine import RotationEngine
 from shared.ledger import IDLE, OVERLAP
 from tests.conftest import can_login, soon
+from tests.crashes import RETIRE_POINTS, ROTATION_POINTS, SimulatedCrash, TestClock
 from tests.hosting import deliver_event, tick_sweeper
 
 pytestmark = pytest.mark.usefixtures("app_settings")
-
-ROTATION_POINTS = [
-    "after:claim",
-    "before:create",
-    "after:create",
-    "before:verify",
-    "after:verify",
-    "before:write",
-    "after:write",
-    "before:validate",
-    "after:validate",
-    "before:finish",
-    "after:finish",
-]
-RETIRE_POINTS = ["before:retire", "after:retire-upstream", "after:retire"]
-
-
-class SimulatedCrash(BaseException):
-    """Stands for the worker process dying at a checkpoint."""
-
-
-class TestClock:
-    __test__ = False
-
-    def __init__(self) -> None:
-        self.offset = timedelta(0)
-
-    def now(self) -> datetime:
-        return datetime.now(UTC) + self.offset
-
-    def advance(self, delta: timedelta) -> None:
-        self.offset += delta
 
 
 def credential(vault: SecretClient, name: str, version: str | None = None) -> dict[str, object]:

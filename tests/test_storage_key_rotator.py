@@ -26,8 +26,8 @@ from shared import service
 from shared.engine import RotationEngine
 from shared.ledger import IDLE, OVERLAP
 from tests.conftest import SESSION_LOGS, soon
+from tests.crashes import RETIRE_POINTS, ROTATION_POINTS, SimulatedCrash, TestClock
 from tests.hosting import RESPONSE_BODIES, deliver_event, tick_sweeper
-from tests.test_crash_recovery import RETIRE_POINTS, ROTATION_POINTS, SimulatedCrash, TestClock
 
 pytestmark = pytest.mark.usefixtures("app_settings")
 
