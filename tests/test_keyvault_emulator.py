@@ -31,7 +31,7 @@ from azure.core.exceptions import (
 from azure.identity import DefaultAzureCredential
 from azure.keyvault.secrets import SecretClient
 
-from devstack.keyvault import EXPIRED, NEAR_EXPIRY, KeyVaultEmulator, build_event
+from devstack.keyvault import EXPIRED, NEAR_EXPIRY, KeyVaultEmulator, ServiceLimits, build_event
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -625,3 +625,41 @@ def test_background_publisher_and_clean_shutdown(tmp_path: Path, webhook: _Webho
         assert webhook.received[0][1][0]["eventType"] == NEAR_EXPIRY
     leftover = [t for t in set(threading.enumerate()) - baseline if t.is_alive()]
     assert leftover == []
+
+
+def test_limits_throttle_like_key_vault_and_count_transactions(
+    emulator: KeyVaultEmulator, raw_client: SecretClient
+) -> None:
+    """Over the per-window limit: 429 Throttled without Retry-After, and the budget is not spent."""
+    name = unique("throttled")
+    emulator.reset_counts()
+    emulator.enforce_limits(ServiceLimits(creates=2, others=3, window=0.5))
+    try:
+        raw_client.set_secret(name, "v1")
+        raw_client.set_secret(name, "v2")
+        with pytest.raises(HttpResponseError) as refused:
+            raw_client.set_secret(name, "v3")
+        assert refused.value.status_code == 429
+        assert refused.value.error is not None and refused.value.error.code == "Throttled"
+        assert refused.value.response is not None
+        assert "Retry-After" not in refused.value.response.headers
+        for _ in range(3):  # reads have their own budget
+            raw_client.get_secret(name)
+        with pytest.raises(HttpResponseError, match="Throttled"):
+            raw_client.get_secret(name)
+        time.sleep(0.6)  # the window slides on
+        assert raw_client.set_secret(name, "v3").value == "v3"
+        assert emulator.transactions() == {"creates": 3, "others": 3, "throttled": 2}
+    finally:
+        emulator.enforce_limits(None)
+    for _ in range(10):
+        raw_client.get_secret(name)
+
+
+def test_limits_are_set_over_the_control_endpoint(emulator: KeyVaultEmulator) -> None:
+    status, body = emulator._control("PUT", "/_emulator/limits", {"creates": 5, "window": 2})
+    assert (status, body) == (200, {"enabled": True, "creates": 5, "others": 4000, "window": 2.0})
+    status, body = emulator._control("PUT", "/_emulator/limits", {"enabled": False})
+    assert body == {"enabled": False}
+    with pytest.raises(Exception, match="positive"):
+        emulator._control("PUT", "/_emulator/limits", {"creates": 0})

@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="publish due SecretNearExpiry/SecretExpired events every N seconds",
     )
+    parser.add_argument(
+        "--enforce-limits",
+        action="store_true",
+        help="throttle like Key Vault: 300 secret creates and 4,000 other transactions per 10 s",
+    )
     parser.add_argument("--verbose", action="store_true", help="log each request (method, path, status)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr)
@@ -45,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     emulator = KeyVaultEmulator(args.state_dir, vault_name=args.vault_name)
+    if args.enforce_limits:
+        emulator.enforce_limits()
     emulator.start(publish_interval=args.publish_interval)
     try:
         info = {

@@ -16,6 +16,7 @@ are never logged.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import http.client
 import json
@@ -28,7 +29,7 @@ import struct
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,33 @@ class Fault:
 
 
 @dataclass(frozen=True)
+class ServiceLimits:
+    """Key Vault's published limits per vault: secret creates and all other transactions per window."""
+
+    creates: int = 300
+    others: int = 4000
+    window: float = 10.0
+
+
+class _Throttle:
+    """Sliding-window admission, as Key Vault throttles: a request over the limit gets 429 and no budget."""
+
+    def __init__(self, limits: ServiceLimits) -> None:
+        self.limits = limits
+        self._admitted: dict[str, deque[float]] = {"create": deque(), "other": deque()}
+
+    def admit(self, kind: str, now: float) -> bool:
+        admitted = self._admitted[kind]
+        while admitted and admitted[0] <= now - self.limits.window:
+            admitted.popleft()
+        limit = self.limits.creates if kind == "create" else self.limits.others
+        if len(admitted) >= limit:
+            return False
+        admitted.append(now)
+        return True
+
+
+@dataclass(frozen=True)
 class Subscription:
     url: str
     schema: EventSchema
@@ -219,6 +247,10 @@ class VaultError(Exception):
 
 class _DropConnection(Exception):
     """Raised inside a handler to reset the connection without answering."""
+
+
+def _is_create(method: str, template: str) -> bool:
+    return method == "PUT" and template == "/secrets/{name}"
 
 
 def _unix(moment: dt.datetime) -> int:
@@ -553,6 +585,8 @@ class KeyVaultEmulator:
         self.token_lifetime = token_lifetime
         self.clock = EmulatorClock()
         self.request_counts: Counter[tuple[str, str]] = Counter()
+        self.throttled_counts: Counter[tuple[str, str]] = Counter()
+        self._throttle: _Throttle | None = None
         self.deliveries: list[Delivery] = []
 
         self._lock = threading.RLock()
@@ -757,6 +791,23 @@ class KeyVaultEmulator:
     def reset_counts(self) -> None:
         with self._lock:
             self.request_counts.clear()
+            self.throttled_counts.clear()
+
+    def enforce_limits(self, limits: ServiceLimits | None = ServiceLimits()) -> None:
+        """Throttle like Key Vault (429 Throttled, no Retry-After) beyond `limits`; None turns it off."""
+        with self._lock:
+            self._throttle = _Throttle(limits) if limits else None
+
+    def transactions(self) -> dict[str, int]:
+        """Authenticated requests answered so far: secret creates, the others, and those throttled."""
+        with self._lock:
+            creates = sum(n for (m, t), n in self.request_counts.items() if _is_create(m, t))
+            total = sum(self.request_counts.values())
+            return {
+                "creates": creates,
+                "others": total - creates,
+                "throttled": sum(self.throttled_counts.values()),
+            }
 
     # ----- events ----------------------------------------------------------------------------
 
@@ -927,7 +978,11 @@ class KeyVaultEmulator:
             ("POST", "/_emulator/faults"): self._control_fault,
             ("GET", "/_emulator/faults"): lambda _: (200, {"faults": self._fault_state()}),
             ("DELETE", "/_emulator/faults"): self._control_clear_faults,
-            ("GET", "/_emulator/requests"): lambda _: (200, {"value": self._count_state()}),
+            ("GET", "/_emulator/requests"): lambda _: (
+                200,
+                {"value": self._count_state(), "transactions": self.transactions()},
+            ),
+            ("PUT", "/_emulator/limits"): self._control_limits,
             ("GET", "/_emulator/health"): lambda _: (
                 200,
                 {"status": "ok", "vault_url": self.vault_url},
@@ -1000,6 +1055,24 @@ class KeyVaultEmulator:
             for d in deliveries
         ]
 
+    def _control_limits(self, args: dict[str, Any]) -> tuple[int, Any]:
+        if args.get("enabled") is False:
+            self.enforce_limits(None)
+            return 200, {"enabled": False}
+        defaults = ServiceLimits()
+        try:
+            limits = ServiceLimits(
+                creates=int(args.get("creates", defaults.creates)),
+                others=int(args.get("others", defaults.others)),
+                window=float(args.get("window", defaults.window)),
+            )
+        except (TypeError, ValueError):
+            raise _bad("creates and others must be integers, window a number of seconds") from None
+        if min(limits.creates, limits.others) < 1 or limits.window <= 0:
+            raise _bad("limits must be positive")
+        self.enforce_limits(limits)
+        return 200, {"enabled": True, **dataclasses.asdict(limits)}
+
     def _count_state(self) -> list[dict[str, Any]]:
         with self._lock:
             items = sorted(self.request_counts.items())
@@ -1068,6 +1141,15 @@ class KeyVaultEmulator:
             segments.pop()
         template = self._template(segments)
         with self._lock:
+            kind = "create" if _is_create(method, template) else "other"
+            if self._throttle is not None and not self._throttle.admit(kind, time.monotonic()):
+                self.throttled_counts[(method, template)] += 1
+                raise VaultError(
+                    429,
+                    "Throttled",
+                    "Operations per second have exceeded the limit for this vault. "
+                    "Please refer to https://aka.ms/kv-service-limits.",
+                )
             self.request_counts[(method, template)] += 1
             fault = next((f for f in self._faults if f.matches(method, path)), None)
             if fault is not None:
