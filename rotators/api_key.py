@@ -29,7 +29,7 @@ Error messages carry the HTTP status and the vendor's error code, never a body o
 import json
 import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -250,8 +250,12 @@ def _wait(state: RetryCallState) -> float:
 class _Vendor:
     """One conversation with the vendor API: base URL, contract, a session with our CA."""
 
-    def __init__(self, context: RotationContext, contract: Contract) -> None:
+    def __init__(
+        self, context: RotationContext, contract: Contract, admin_key: Callable[[bool], str] | None = None
+    ) -> None:
         target = context.config.target
+        self._admin_key = admin_key
+        self._admin_key_value = ""
         self.contract = contract
         self.where = f"vendor API {target.host}:{target.port}"
         self.base_url = f"https://{target.host}:{target.port}/{target.database}".rstrip("/")
@@ -304,8 +308,24 @@ class _Vendor:
             parsed = None
         return _Answer(status, parsed)
 
-    def admin(self, endpoint: Endpoint, key: str, *, key_id: str = "", body: Any = None) -> _Answer:
-        """An admin call with bounded retries of 408/429/5xx and connection failures."""
+    def admin(self, endpoint: Endpoint, *, key_id: str = "", body: Any = None) -> _Answer:
+        """An admin call with bounded retries of 408/429/5xx and connection failures.
+
+        The admin key comes from a short-lived cache: on 401/403 it is read again, once,
+        in case it was rotated since."""
+        if self._admin_key is None:
+            raise UpstreamError(f"{self.where}: no admin key for this call")
+        if not self._admin_key_value:
+            self._admin_key_value = self._admin_key(False)
+        answer = self._admin_call(endpoint, self._admin_key_value, key_id, body)
+        if answer.status in (401, 403):
+            fresh = self._admin_key(True)
+            if fresh != self._admin_key_value:
+                self._admin_key_value = fresh
+                answer = self._admin_call(endpoint, fresh, key_id, body)
+        return answer
+
+    def _admin_call(self, endpoint: Endpoint, key: str, key_id: str, body: Any) -> _Answer:
         for attempt in Retrying(
             retry=retry_if_exception_type(_Transient),
             stop=stop_after_attempt(4),
@@ -345,8 +365,8 @@ class ApiKeyRotator:
     def prepare_slots(self, context: RotationContext) -> list[str]:
         self.validate(context)
         config = context.config
-        with self._vendor(context) as (vendor, admin_key):
-            keys = self._keys(vendor, admin_key)
+        with self._vendor(context) as vendor:
+            keys = self._keys(vendor)
         current = [key_id for key_id, name in keys if name == config.current_slot]
         if not current:
             raise ConfigError(f"no key named {config.current_slot} (the current slot) at the vendor")
@@ -362,13 +382,13 @@ class ApiKeyRotator:
 
     def create(self, context: RotationContext, slot: str) -> NewCredential:
         self.validate(context)
-        with self._vendor(context) as (vendor, admin_key):
+        with self._vendor(context) as vendor:
             # The slot is inactive: nobody uses its key, and the vendor may allow only two.
-            self._delete_named(vendor, admin_key, slot)
+            self._delete_named(vendor, slot)
             contract = vendor.contract
             body: dict[str, Any] = {}
             _put(body, contract.fields["name"], slot)
-            answer = vendor.admin(contract.create, admin_key, body=body)
+            answer = vendor.admin(contract.create, body=body)
             if answer.refusal:
                 raise UpstreamError(f"creating a key for slot {slot}: {answer.refusal}")
             status = answer.status
@@ -386,7 +406,7 @@ class ApiKeyRotator:
                 )
             logger.info("%s: issued key %s on slot %s", vendor.where, key_id, slot)
             # A create repeated after a lost answer may have left a twin: one key per slot.
-            self._delete_named(vendor, admin_key, slot, keep=key_id)
+            self._delete_named(vendor, slot, keep=key_id)
             value = json.dumps(
                 {"engine": "api-key", "base_url": vendor.base_url, "key_id": key_id, "key": key}
             )
@@ -394,13 +414,13 @@ class ApiKeyRotator:
 
     def verify(self, context: RotationContext, value: str) -> None:
         key = _key_of(value)
-        with self._vendor(context, admin=False) as (vendor, _):
+        with self._vendor(context, admin=False) as vendor:
             self._authenticate(vendor, vendor.contract.verify, key, _key_id_of(value))
 
     def retire(self, context: RotationContext, slot: str) -> None:
         self.validate(context)
-        with self._vendor(context) as (vendor, admin_key):
-            deleted = self._delete_named(vendor, admin_key, slot)
+        with self._vendor(context) as vendor:
+            deleted = self._delete_named(vendor, slot)
         if not deleted:
             logger.info("%s: slot %s has no key: nothing to retire", vendor.where, slot)
 
@@ -420,10 +440,10 @@ class ApiKeyRotator:
         if answer.refusal:
             raise VerificationFailed(f"the new key does not authenticate: {answer.refusal}")
 
-    def _keys(self, vendor: _Vendor, admin_key: str) -> list[tuple[str, str]]:
+    def _keys(self, vendor: _Vendor) -> list[tuple[str, str]]:
         """(id, name) of every key the vendor lists."""
         contract = vendor.contract
-        answer = vendor.admin(contract.list, admin_key)
+        answer = vendor.admin(contract.list)
         if answer.refusal:
             raise UpstreamError(f"listing keys: {answer.refusal}")
         items = _dig(answer.body, contract.fields["list"])
@@ -438,12 +458,12 @@ class ApiKeyRotator:
                 keys.append((key_id, name))
         return keys
 
-    def _delete_named(self, vendor: _Vendor, admin_key: str, slot: str, keep: str = "") -> list[str]:
+    def _delete_named(self, vendor: _Vendor, slot: str, keep: str = "") -> list[str]:
         deleted = []
-        for key_id, name in self._keys(vendor, admin_key):
+        for key_id, name in self._keys(vendor):
             if name != slot or key_id == keep:
                 continue
-            answer = vendor.admin(vendor.contract.delete, admin_key, key_id=key_id)
+            answer = vendor.admin(vendor.contract.delete, key_id=key_id)
             if answer.refusal and answer.status != 404:  # already gone is fine
                 raise UpstreamError(f"deleting key {key_id[:80]} of slot {slot}: {answer.refusal}")
             logger.info("%s: deleted key %s of slot %s", vendor.where, key_id[:80], slot)
@@ -451,17 +471,20 @@ class ApiKeyRotator:
         return deleted
 
     @contextmanager
-    def _vendor(self, context: RotationContext, *, admin: bool = True) -> Iterator[tuple[_Vendor, str]]:
-        vendor = _Vendor(context, parse_contract(context.config.tags))
+    def _vendor(self, context: RotationContext, *, admin: bool = True) -> Iterator[_Vendor]:
+        def admin_key(fresh: bool) -> str:
+            return self._admin_key(context, fresh=fresh)
+
+        vendor = _Vendor(context, parse_contract(context.config.tags), admin_key if admin else None)
         try:
-            yield vendor, self._admin_key(context) if admin else ""
+            yield vendor
         finally:
             vendor.close()
 
-    def _admin_key(self, context: RotationContext) -> str:
+    def _admin_key(self, context: RotationContext, *, fresh: bool = False) -> str:
         name = context.config.admin_secret or ""
         try:
-            raw = context.secrets.get_secret(name).value or ""
+            raw = context.read_admin_secret(name, fresh=fresh)
         except ResourceNotFoundError:
             raise ConfigError(f"admin secret {name} does not exist") from None
         try:

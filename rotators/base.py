@@ -12,6 +12,7 @@ from azure.core.credentials import TokenCredential
 from azure.keyvault.secrets import SecretClient
 
 from shared.config import RotationConfig
+from shared.secret_cache import SecretCache
 from shared.settings import Settings
 
 
@@ -23,6 +24,13 @@ class RotationContext:
     secrets: SecretClient
     credential: TokenCredential
     settings: Settings
+    admin_secrets: SecretCache | None = None
+
+    def read_admin_secret(self, name: str, *, fresh: bool = False) -> str:
+        """An admin secret's value, cached briefly; pass `fresh` after it failed to authenticate."""
+        if self.admin_secrets is None:
+            return self.secrets.get_secret(name).value or ""
+        return self.admin_secrets.get(self.secrets, name, fresh=fresh)
 
 
 @dataclass(frozen=True)

@@ -159,19 +159,14 @@ class PostgresRotator:
     @contextmanager
     def _admin(self, context: RotationContext) -> Iterator[psycopg.Connection[Any]]:
         config = context.config
-        if config.admin_secret:
-            try:
-                admin = json.loads(context.secrets.get_secret(config.admin_secret).value or "")
-                user, password = admin["username"], admin["password"]
-            except (ValueError, KeyError, TypeError):
-                raise ConfigError(
-                    f"admin secret {config.admin_secret} must hold JSON with username and password"
-                ) from None
-        else:
-            user = config.tags[TAG_ADMIN_USER].strip()
-            password = context.credential.get_token(ENTRA_SCOPE).token
         try:
-            conn = self._connect(context, user, password)
+            try:
+                conn = self._connect(context, *self._admin_login(context))
+            except psycopg.OperationalError:
+                if not config.admin_secret:
+                    raise
+                # The cached admin password may have been rotated since: read it again, once.
+                conn = self._connect(context, *self._admin_login(context, fresh=True))
         except psycopg.Error as error:
             raise UpstreamError(
                 f"cannot reach PostgreSQL {config.target} as admin: {_describe(error)}"
@@ -182,6 +177,18 @@ class PostgresRotator:
             raise UpstreamError(f"PostgreSQL {config.target}: {_describe(error)}") from None
         finally:
             conn.close()
+
+    def _admin_login(self, context: RotationContext, *, fresh: bool = False) -> tuple[str, str]:
+        config = context.config
+        if not config.admin_secret:
+            return config.tags[TAG_ADMIN_USER].strip(), context.credential.get_token(ENTRA_SCOPE).token
+        try:
+            admin = json.loads(context.read_admin_secret(config.admin_secret, fresh=fresh))
+            return str(admin["username"]), str(admin["password"])
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(
+                f"admin secret {config.admin_secret} must hold JSON with username and password"
+            ) from None
 
     def _role(self, conn: psycopg.Connection[Any], role: str) -> tuple[Any, ...] | None:
         return conn.execute(

@@ -23,14 +23,16 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from azure.core.credentials import TokenCredential
 from azure.core.exceptions import ResourceNotFoundError
-from azure.keyvault.secrets import KeyVaultSecret, SecretClient
+from azure.keyvault.secrets import KeyVaultSecret, SecretClient, SecretProperties
 
 from rotators import RotationContext, Rotator, RotatorRegistry
 from shared.config import (
@@ -56,6 +58,7 @@ from shared.ledger import (
     history_key,
 )
 from shared.retry import call_with_retry
+from shared.secret_cache import SecretCache
 from shared.settings import Settings, normalize_vault_url
 from shared.windows import in_window
 
@@ -163,6 +166,7 @@ class RotationEngine:
         self._probe = probe
         self._checkpoint = checkpoint or (lambda _point: None)
         self._notify = notify
+        self._admin_secrets = SecretCache(settings.admin_secret_cache)
 
     # ----------------------------------------------------------------- entry points
 
@@ -223,9 +227,7 @@ class RotationEngine:
         try:
             config = parse_config(current.properties.tags, self.settings)
             # The rotator's own checks too, before anything is claimed or touched.
-            self._rotators.get(config.rotator).validate(
-                RotationContext(config, client, self._credential, self.settings)
-            )
+            self._rotators.get(config.rotator).validate(self._context(config, client))
         except NotManaged as error:
             return self._log(Outcome(NOT_MANAGED, name, str(error)))
         except ConfigError as error:
@@ -246,7 +248,7 @@ class RotationEngine:
                 return self._log(
                     Outcome(DEFERRED, name, f"previous credential is in its overlap until {when}")
                 )
-            retired = self._retire(state)
+            retired = self._retire(state, current.properties.tags)
             if retired.status != RETIRED:
                 return retired
 
@@ -264,9 +266,9 @@ class RotationEngine:
             self.ledger.save(state)
         except ConcurrentUpdate:
             return self._log(Outcome(IN_PROGRESS, name, "a rotation of this secret is in progress"))
-        self._write_history(state)
+        self._write_history(state, new=True)
         self._checkpoint("after:claim")
-        return self._run(state, client, config)
+        return self._run(state, client, config, claimed_now=True)
 
     def adopt(
         self, vault_url: str, name: str, rotation_tags: dict[str, str], requested_by: str = ""
@@ -298,7 +300,7 @@ class RotationEngine:
             )
         try:
             config = parse_config(tags, self.settings)
-            context = RotationContext(config, client, self._credential, self.settings)
+            context = self._context(config, client)
             rotator = self._rotators.get(config.rotator)
             rotator.validate(context)
             rotator.verify(context, current.value or "")
@@ -391,47 +393,64 @@ class RotationEngine:
         return self._retire(state)
 
     def sweep(self) -> list[Outcome]:
-        """Retire due overlaps, resume stalled rotations, rotate near-expiry secrets with no event."""
-        outcomes: list[Outcome] = []
+        """Retire due overlaps, resume stalled rotations, rotate near-expiry secrets with no event.
+
+        Runs `sweep_concurrency` secrets at a time. The Key Vault clients pace themselves to
+        each vault's budget, so a fleet due at once rotates as fast as Key Vault allows.
+        """
         now = self._clock()
-        known: dict[tuple[str, str], SecretState] = {}
-        for state in self.ledger.states():
-            known[(state.vault_url, state.name)] = state
-            if not self.settings.vault_allowed(state.vault_url):
-                continue
-            with self._isolated(state.name, outcomes):
-                if state.lease_held(now):
-                    continue
-                if state.state == OVERLAP and state.retire_after and state.retire_after <= now:
-                    outcomes.append(self._retire(state))
-                elif state.state == ROTATING and not state.lease_held(now):
-                    outcomes.append(self._resume(state))
-        horizon = now + self.settings.sweep_lead_time
+        # Ledger first, then the vaults: a retirement claims the row with the ETag read here,
+        # so whatever changed after this read makes it back off rather than act on stale tags.
+        states = {(state.vault_url, state.name): state for state in self.ledger.states()}
+        listed: dict[tuple[str, str], SecretProperties] = {}
         for vault_url in sorted(self.settings.allowed_vaults):
-            client = self._secret_client(vault_url)
-            for props in client.list_properties_of_secrets():
-                name = props.name or ""
-                due = self._due_for_rotation(
-                    enabled=props.enabled,
-                    tags=props.tags,
-                    expires_on=props.expires_on,
-                    state=known.get((vault_url, name)),
-                    horizon=horizon,
-                    now=now,
+            for props in self._secret_client(vault_url).list_properties_of_secrets():
+                listed[(vault_url, props.name or "")] = props
+        work: list[tuple[str, Callable[[], Outcome]]] = []
+        for key, state in states.items():
+            if not self.settings.vault_allowed(state.vault_url) or state.lease_held(now):
+                continue
+            if state.state == OVERLAP and state.retire_after and state.retire_after <= now:
+                seen = listed.get(key)
+                tags = (seen.tags or {}) if seen else None
+                work.append((state.name, partial(self._retire, state, tags)))
+            elif state.state == ROTATING:
+                work.append((state.name, partial(self._resume, state)))
+        horizon = now + self.settings.sweep_lead_time
+        for (vault_url, name), props in listed.items():
+            due = self._due_for_rotation(
+                enabled=props.enabled,
+                tags=props.tags,
+                expires_on=props.expires_on,
+                state=states.get((vault_url, name)),
+                horizon=horizon,
+                now=now,
+            )
+            if due:
+                rotate = partial(
+                    self.rotate,
+                    vault_url,
+                    name,
+                    trigger="sweep",
+                    requested_by="timer",
+                    expected_version=props.version,
                 )
-                if not due:
-                    continue
-                with self._isolated(name, outcomes):
-                    outcomes.append(
-                        self.rotate(
-                            vault_url,
-                            name,
-                            trigger="sweep",
-                            requested_by="timer",
-                            expected_version=props.version,
-                        )
-                    )
-        return outcomes
+                work.append((name, rotate))
+        return self._run_all(work)
+
+    def _run_all(self, work: list[tuple[str, Callable[[], Outcome]]]) -> list[Outcome]:
+        def run_one(item: tuple[str, Callable[[], Outcome]]) -> list[Outcome]:
+            name, action = item
+            outcomes: list[Outcome] = []
+            with self._isolated(name, outcomes):
+                outcomes.append(action())
+            return outcomes
+
+        workers = min(self.settings.sweep_concurrency, len(work))
+        if workers <= 1:
+            return [outcome for item in work for outcome in run_one(item)]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sweep") as pool:
+            return [outcome for outcomes in pool.map(run_one, work) for outcome in outcomes]
 
     def _due_for_rotation(
         self,
@@ -486,13 +505,17 @@ class RotationEngine:
             return self._rollback(state, client, config, state.last_error or "resumed rollback")
         return self._run(state, client, config)
 
-    def _run(self, state: SecretState, client: SecretClient, config: RotationConfig) -> Outcome:
-        context = RotationContext(config, client, self._credential, self.settings)
+    def _run(
+        self, state: SecretState, client: SecretClient, config: RotationConfig, *, claimed_now: bool = False
+    ) -> Outcome:
+        """The steps from `create` on. A resumed run first looks for the version it may have written;
+        a run that claimed the secret a moment ago cannot have written one (a Key Vault read saved)."""
+        context = self._context(config, client)
         rotator = None
         try:
             rotator = self._rotators.get(config.rotator)
             rotator.validate(context)
-            written = self._version_written_by(client, state.name, state.rotation_id)
+            written = None if claimed_now else self._version_written_by(client, state.name, state.rotation_id)
             if written is None:
                 # Recorded before the upstream call, so an orphan can be found after a crash.
                 state.pending_credential = state.to_slot
@@ -571,7 +594,7 @@ class RotationEngine:
     ) -> Outcome:
         """Consumers failed on the new credential: make the previous one newest again, revoke the new one."""
         logger.warning("%s: rolling back rotation %s: %s", state.name, state.rotation_id, reason)
-        context = RotationContext(config, client, self._credential, self.settings)
+        context = self._context(config, client)
         rollback_id = f"{state.rotation_id}-rollback"
         try:
             state.step, state.last_error = "rollback", reason[:500]
@@ -613,12 +636,16 @@ class RotationEngine:
         outcome = Outcome(ROLLED_BACK, state.name, f"rolled back: {reason}", state.rotation_id)
         return self._tell(self._log(outcome), state)
 
-    def _retire(self, state: SecretState) -> Outcome:
-        """Revoke the previous slot once its overlap is over, and disable its Key Vault version."""
+    def _retire(self, state: SecretState, current_tags: dict[str, str] | None = None) -> Outcome:
+        """Revoke the previous slot once its overlap is over, and disable its Key Vault version.
+
+        `current_tags` are the newest version's tags when the caller has just read or listed
+        them; otherwise they are read here."""
         client = self._secret_client(state.vault_url)
         try:
-            current = self._get_secret(client, state.name)
-            config = parse_config(current.properties.tags, self.settings)
+            if current_tags is None:
+                current_tags = self._get_secret(client, state.name).properties.tags
+            config = parse_config(current_tags, self.settings)
             if config.current_slot == state.retire_slot:
                 raise UnsafeOperation(
                     f"slot {state.retire_slot} is the one the newest version uses: refusing to retire it"
@@ -626,7 +653,7 @@ class RotationEngine:
             # Retiring is claimed like a rotation: a lease, taken by a conditional write right
             # before the revoke, so no other run can rotate onto this slot meanwhile.
             state.step, state.lease_until = "retire", self._clock() + self.settings.lease
-            context = RotationContext(config, client, self._credential, self.settings)
+            context = self._context(config, client)
             self._checkpoint("before:retire")
             self.ledger.save(state)
             started = time.perf_counter()
@@ -704,6 +731,9 @@ class RotationEngine:
 
     # ----------------------------------------------------------------- helpers
 
+    def _context(self, config: RotationConfig, client: SecretClient) -> RotationContext:
+        return RotationContext(config, client, self._credential, self.settings, self._admin_secrets)
+
     @contextmanager
     def _step(self, state: SecretState, step: str) -> Iterator[None]:
         state.step = step
@@ -766,8 +796,10 @@ class RotationEngine:
         ended_on: datetime | None = None,
         retired_on: datetime | None = None,
         error: str = "",
+        new: bool = False,
     ) -> None:
-        record = self.ledger.read_history(state.vault_url, state.name, state.history_key) or HistoryRecord(
+        existing = None if new else self.ledger.read_history(state.vault_url, state.name, state.history_key)
+        record = existing or HistoryRecord(
             vault_url=state.vault_url,
             name=state.name,
             rotation_id=state.rotation_id,

@@ -19,6 +19,7 @@ from rotators import RotatorRegistry
 from shared.engine import RotationEngine
 from shared.ledger import Ledger
 from shared.notify import build_notifier
+from shared.pacing import PacingPolicy, budget_for
 from shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -31,19 +32,31 @@ _engine: RotationEngine | None = None
 _keys: "KeyRotationService | None" = None
 
 
+def vault_client_options(settings: Settings, vault_url: str) -> dict[str, object]:
+    """Every Key Vault client's options: API version, the local CA if any, pacing to the vault's budget."""
+    budget = budget_for(
+        vault_url,
+        settings.keyvault_creates_limit,
+        settings.keyvault_transactions_limit,
+        settings.keyvault_limit_window.total_seconds(),
+    )
+    options: dict[str, object] = {
+        "api_version": settings.keyvault_api_version,
+        "verify_challenge_resource": settings.keyvault_verify_challenge_resource,
+        "per_retry_policies": [PacingPolicy(budget)],
+    }
+    if settings.keyvault_ca_bundle:
+        options["connection_verify"] = settings.keyvault_ca_bundle
+    return options
+
+
 def key_client_factory(settings: Settings, credential: TokenCredential) -> "Callable[[str], KeyClient]":
     """`key_client(vault_url)`: one KeyClient per vault, with the SecretClient's options."""
     from azure.keyvault.keys import KeyClient  # noqa: PLC0415 - only the key paths pay for this import
 
     @lru_cache(maxsize=32)
     def key_client(vault_url: str) -> KeyClient:
-        options: dict[str, object] = {
-            "api_version": settings.keyvault_api_version,
-            "verify_challenge_resource": settings.keyvault_verify_challenge_resource,
-        }
-        if settings.keyvault_ca_bundle:
-            options["connection_verify"] = settings.keyvault_ca_bundle
-        return KeyClient(vault_url, credential, **options)
+        return KeyClient(vault_url, credential, **vault_client_options(settings, vault_url))
 
     return key_client
 
@@ -82,13 +95,7 @@ def build_engine(settings: Settings, **engine_options: Any) -> RotationEngine:
 
     @lru_cache(maxsize=32)
     def secret_client(vault_url: str) -> SecretClient:
-        options: dict[str, object] = {
-            "api_version": settings.keyvault_api_version,
-            "verify_challenge_resource": settings.keyvault_verify_challenge_resource,
-        }
-        if settings.keyvault_ca_bundle:
-            options["connection_verify"] = settings.keyvault_ca_bundle
-        return SecretClient(vault_url, credential, **options)
+        return SecretClient(vault_url, credential, **vault_client_options(settings, vault_url))
 
     if settings.ledger_connection_string:
         tables = TableServiceClient.from_connection_string(settings.ledger_connection_string)

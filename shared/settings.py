@@ -45,6 +45,19 @@ def _bool(value: str) -> bool:
     raise ConfigError(f"invalid boolean setting {value[:20]!r}")
 
 
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"setting {name} must be a whole number, not {raw[:20]!r}") from None
+    if value < 1:
+        raise ConfigError(f"setting {name} must be at least 1")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     allowed_vaults: frozenset[str]
@@ -55,6 +68,16 @@ class Settings:
     lease: timedelta = timedelta(minutes=10)
     retry_after_failure: timedelta = timedelta(hours=1)
     max_attempts: int = 5
+    # How long rotators may reuse an admin secret they read (0 turns the cache off).
+    admin_secret_cache: timedelta = timedelta(minutes=5)
+    # Rotations the timer sweep runs at once, and the share of each vault's Key Vault
+    # budget this worker paces itself to (Key Vault allows 300 secret creates and
+    # 4,000 other transactions per 10 s per vault; applications reading secrets share
+    # the 4,000, so the default leaves them half).
+    sweep_concurrency: int = 8
+    keyvault_creates_limit: int = 300
+    keyvault_transactions_limit: int = 2000
+    keyvault_limit_window: timedelta = timedelta(seconds=10)
     probe_timeout: timedelta = timedelta(minutes=2)
     postgres_sslmode: str = "require"
     keyvault_api_version: str = "7.6"
@@ -94,7 +117,14 @@ class Settings:
             sweep_lead_time=duration("ROTATION_SWEEP_LEAD_TIME", cls.sweep_lead_time),
             lease=duration("ROTATION_LEASE", cls.lease),
             retry_after_failure=duration("ROTATION_RETRY_AFTER_FAILURE", cls.retry_after_failure),
-            max_attempts=int(env.get("ROTATION_MAX_ATTEMPTS", cls.max_attempts)),
+            max_attempts=_int(env, "ROTATION_MAX_ATTEMPTS", cls.max_attempts),
+            admin_secret_cache=duration("ROTATION_ADMIN_SECRET_CACHE", cls.admin_secret_cache),
+            sweep_concurrency=_int(env, "ROTATION_SWEEP_CONCURRENCY", cls.sweep_concurrency),
+            keyvault_creates_limit=_int(env, "KEYVAULT_SECRET_CREATES_LIMIT", cls.keyvault_creates_limit),
+            keyvault_transactions_limit=_int(
+                env, "KEYVAULT_TRANSACTIONS_LIMIT", cls.keyvault_transactions_limit
+            ),
+            keyvault_limit_window=duration("KEYVAULT_LIMIT_WINDOW", cls.keyvault_limit_window),
             probe_timeout=duration("ROTATION_PROBE_TIMEOUT", cls.probe_timeout),
             postgres_sslmode=env.get("ROTATION_POSTGRES_SSLMODE", cls.postgres_sslmode),
             keyvault_api_version=env.get("KEYVAULT_API_VERSION", cls.keyvault_api_version),
