@@ -11,12 +11,14 @@ tagged for rotation.
 import json
 import secrets
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import psycopg
 from azure.keyvault.secrets import KeyVaultSecret, SecretClient
 from psycopg import sql
 
@@ -121,12 +123,16 @@ def provision_postgres_secret(
     validity: timedelta = timedelta(days=90),
     overlap: str = "PT10S",
     extra_tags: dict[str, str] | None = None,
+    admin: psycopg.Connection[Any] | None = None,
+    vault: SecretClient | None = None,
 ) -> ManagedPostgresSecret:
-    """A secret under rotation whose first credential is the `<prefix>_blue` login role."""
+    """A secret under rotation whose first credential is the `<prefix>_blue` login role.
+
+    `admin` and `vault` let a caller provisioning many secrets reuse one connection and client."""
     group, blue, green = prefix, f"{prefix}_blue", f"{prefix}_green"
     password = secrets.token_urlsafe(32)
     pg = stack.postgres
-    with pg.admin_connect() as conn:
+    with nullcontext(admin) if admin else pg.admin_connect() as conn:
         conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(group)))
         conn.execute(
             sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
@@ -159,7 +165,49 @@ def provision_postgres_secret(
         "rotation-admin-secret": ADMIN_SECRET,
         **(extra_tags or {}),
     }
-    first = stack.secret_client().set_secret(
+    first = (vault or stack.secret_client()).set_secret(
         name, json.dumps(value), tags=tags, expires_on=expires_on, content_type="application/json"
     )
     return ManagedPostgresSecret(name=name, group=group, slots=(blue, green), first_version=first)
+
+
+def provision_api_key_secret(
+    stack: LocalStack, name: str, *, expires_on: datetime, overlap: str = "PT10S"
+) -> str:
+    """A vendor account with its first key on slot `primary`, its admin key in `<name>-admin`,
+    and the secret holding the first key under rotation. Returns the account's admin key."""
+    vault, vendor = stack.secret_client(), stack.vendor
+    admin_key = vendor.add_account()
+    vault.set_secret(f"{name}-admin", json.dumps({"key": admin_key}), content_type="application/json")
+    key_id, key = vendor.issue(admin_key, "primary")
+    value = {"engine": "api-key", "base_url": vendor.base_url, "key_id": key_id, "key": key}
+    tags = {
+        "rotation-rotator": "api-key",
+        "rotation-target": vendor.base_url,
+        "rotation-slots": "primary,secondary",
+        "rotation-current-slot": "primary",
+        "rotation-overlap": overlap,
+        "rotation-admin-secret": f"{name}-admin",
+    }
+    vault.set_secret(
+        name, json.dumps(value), tags=tags, expires_on=expires_on, content_type="application/json"
+    )
+    return admin_key
+
+
+def provision_storage_key_secret(
+    stack: LocalStack, name: str, account: str, *, expires_on: datetime, overlap: str = "PT10S"
+) -> str:
+    """A storage account on the ARM stand-in whose key1 is in a secret under rotation.
+    The account must be allowed: `ROTATION_ALLOWED_TARGETS` needs `<account>.blob.core.windows.net`."""
+    resource_id = stack.storage.add_account(account)
+    tags = {
+        "rotation-rotator": "storage-key",
+        "rotation-target": resource_id,
+        "rotation-current-slot": "key1",
+        "rotation-overlap": overlap,
+    }
+    stack.secret_client().set_secret(
+        name, stack.storage.keys(account)["key1"], tags=tags, expires_on=expires_on, content_type="text/plain"
+    )
+    return resource_id

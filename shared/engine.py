@@ -98,6 +98,7 @@ CHECKPOINTS = (
     "after:rollback-revoke",
 )
 _BEFORE_WRITE = ("claim", "create", "verify")
+_FENCED_STEPS = frozenset({"create", "write", "revoke"})
 
 
 def utc_now() -> datetime:
@@ -266,7 +267,7 @@ class RotationEngine:
             self.ledger.save(state)
         except ConcurrentUpdate:
             return self._log(Outcome(IN_PROGRESS, name, "a rotation of this secret is in progress"))
-        self._write_history(state, new=True)
+        self._write_history(state, from_state=True)
         self._checkpoint("after:claim")
         return self._run(state, client, config, claimed_now=True)
 
@@ -570,7 +571,7 @@ class RotationEngine:
         state.retire_after = now if state.emergency else now + config.overlap
         state.state, state.step, state.lease_until, state.pending_credential = OVERLAP, "", None, ""
         self.ledger.save(state)
-        self._write_history(state, outcome=ROTATED, ended_on=now)
+        self._write_history(state, outcome=ROTATED, ended_on=now, from_state=True)
         message = (
             f"new version {state.new_version} on slot {state.to_slot}; "
             f"previous slot retires at {state.retire_after.isoformat()}"
@@ -738,9 +739,12 @@ class RotationEngine:
     def _step(self, state: SecretState, step: str) -> Iterator[None]:
         state.step = step
         self._checkpoint(f"before:{step}")
-        # A conditional write right before the step's work: a run that stalled past its lease
-        # and was taken over finds the row changed here and stops (ConcurrentUpdate).
-        self.ledger.save(state)
+        if step in _FENCED_STEPS:
+            # A conditional write right before the step changes something upstream or in Key
+            # Vault: a run that stalled past its lease and was taken over finds the row changed
+            # here and stops (ConcurrentUpdate). Read-only steps (verify, validate) and finish,
+            # which saves anyway, skip it: each ledger write costs as much as the step itself.
+            self.ledger.save(state)
         started = time.perf_counter()
         yield
         state.record_timing(step, (time.perf_counter() - started) * 1000)
@@ -796,9 +800,13 @@ class RotationEngine:
         ended_on: datetime | None = None,
         retired_on: datetime | None = None,
         error: str = "",
-        new: bool = False,
+        from_state: bool = False,
     ) -> None:
-        existing = None if new else self.ledger.read_history(state.vault_url, state.name, state.history_key)
+        """Create or update the rotation's history row. Up to `finish` the state row holds every
+        field of it, so `from_state` builds it from there and saves reading it first."""
+        existing = (
+            None if from_state else self.ledger.read_history(state.vault_url, state.name, state.history_key)
+        )
         record = existing or HistoryRecord(
             vault_url=state.vault_url,
             name=state.name,

@@ -16,6 +16,7 @@ are never logged.
 from __future__ import annotations
 
 import base64
+import bisect
 import dataclasses
 import datetime as dt
 import http.client
@@ -30,11 +31,11 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
 from urllib.parse import parse_qs, urlsplit
 
 from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
@@ -247,6 +248,25 @@ class VaultError(Exception):
 
 class _DropConnection(Exception):
     """Raised inside a handler to reset the connection without answering."""
+
+
+class _Rendered(Sequence[dict[str, Any]]):
+    """A list of stored objects seen as the JSON items they render to, rendered on access."""
+
+    def __init__(self, objects: list[Any], render: Callable[[Any], dict[str, Any]]) -> None:
+        self._objects, self._render = objects, render
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(index, slice):
+            return [self._render(o) for o in self._objects[index]]
+        return self._render(self._objects[index])
 
 
 def _is_create(method: str, template: str) -> bool:
@@ -793,6 +813,25 @@ class KeyVaultEmulator:
             self.request_counts.clear()
             self.throttled_counts.clear()
 
+    def seed_secret(
+        self,
+        name: str,
+        value: str,
+        *,
+        tags: dict[str, str] | None = None,
+        expires_on: dt.datetime | None = None,
+        content_type: str | None = None,
+    ) -> None:
+        """Store a secret version without a request (seeding a large vault for a benchmark)."""
+        body: dict[str, Any] = {"value": value, "tags": tags or {}}
+        if expires_on is not None:
+            body["attributes"] = {"exp": _unix(expires_on)}
+        if content_type is not None:
+            body["contentType"] = content_type
+        self._check_name(name)
+        with self._lock:
+            self._set_secret(name, body)
+
     def enforce_limits(self, limits: ServiceLimits | None = ServiceLimits()) -> None:
         """Throttle like Key Vault (429 Throttled, no Retry-After) beyond `limits`; None turns it off."""
         with self._lock:
@@ -1292,7 +1331,7 @@ class KeyVaultEmulator:
         }
 
     def _page(
-        self, items: list[dict[str, Any]], keys: list[str], query: dict[str, str], path: str
+        self, items: Sequence[dict[str, Any]], keys: list[str], query: dict[str, str], path: str
     ) -> dict[str, Any]:
         size = MAX_PAGE_SIZE
         if query.get("maxresults"):
@@ -1309,8 +1348,8 @@ class KeyVaultEmulator:
                 after = bytes.fromhex(marker).decode()
             except ValueError:
                 raise _bad("Invalid $skiptoken.") from None
-            start = next((i for i, key in enumerate(keys) if key > after), len(keys))
-        page = items[start : start + size]
+            start = bisect.bisect_right(keys, after)
+        page = list(items[start : start + size])
         next_link = None
         if start + size < len(items):
             token = keys[start + size - 1].encode().hex()
@@ -1441,7 +1480,8 @@ class KeyVaultEmulator:
 
     def _list_secrets(self, query: dict[str, str]) -> tuple[int, Any]:
         ordered = sorted(self._secrets.items())
-        items = [self._item(s, s.latest, versioned=False) for _, s in ordered]
+        # Rendered page by page: a vault of 10,000 secrets must not cost 10,000 items per page.
+        items = _Rendered([s for _, s in ordered], lambda s: self._item(s, s.latest, versioned=False))
         return 200, self._page(items, [k for k, _ in ordered], query, "/secrets")
 
     def _list_versions(self, name: str, query: dict[str, str]) -> tuple[int, Any]:
