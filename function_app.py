@@ -2,16 +2,22 @@
 
 Triggers are thin: read the input, call the rotation engine, map the outcome.
 Secret rotation lives in shared/engine.py, key rotation in shared/keys.py.
+The worker imports this module at start-up to index the functions, so only azure.functions
+and light modules load here; the Azure SDK clients (shared.api, shared.service) are imported
+inside the triggers, on first invocation.
 """
 
 import json
 import logging
+from typing import TYPE_CHECKING
 
 import azure.functions as func
 
-from shared import api, service
 from shared.errors import InvalidEvent
 from shared.events import VaultEvent, parse_function_event, parse_payload
+
+if TYPE_CHECKING:
+    from shared import api
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 logger = logging.getLogger("function_app")
@@ -52,6 +58,8 @@ def keyvault_events_queue(message: func.QueueMessage) -> None:
 
 def _rotate_for(events: list[VaultEvent]) -> None:
     """The one handler behind both event triggers: key events to the key service, secrets to the engine."""
+    from shared import service
+
     failures: list[str] = []
     key_events = [event for event in events if event.is_key]
     if key_events:
@@ -71,11 +79,13 @@ def _rotate_for(events: list[VaultEvent]) -> None:
 @app.timer_trigger(schedule=SWEEP_SCHEDULE, arg_name="timer", run_on_startup=False)
 def rotation_sweeper(timer: func.TimerRequest) -> None:
     """Retire due overlaps, resume stalled rotations, catch secrets whose event never came."""
+    from shared import service
+
     outcomes = service.engine().sweep()
     logger.info("sweep done: %d action(s)%s", len(outcomes), " (past due)" if timer.past_due else "")
 
 
-def _respond(result: api.ApiResult) -> func.HttpResponse:
+def _respond(result: "api.ApiResult") -> func.HttpResponse:
     return func.HttpResponse(
         json.dumps(result.body, default=str),
         status_code=result.status,
@@ -88,6 +98,8 @@ def _respond(result: api.ApiResult) -> func.HttpResponse:
 @app.route(route="secrets/{name}/rotate", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 def rotate_secret(req: func.HttpRequest) -> func.HttpResponse:
     """Rotate now: routine, emergency (overlap 0) or dry run."""
+    from shared import api, service
+
     name = req.route_params.get("name", "")
     return _respond(
         api.rotate(service.engine(), name, req.params, req.get_body(), api.requested_by(req.headers))
@@ -98,6 +110,8 @@ def rotate_secret(req: func.HttpRequest) -> func.HttpResponse:
 @app.route(route="secrets/{name}/adopt", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 def adopt_secret(req: func.HttpRequest) -> func.HttpResponse:
     """Put an existing secret under rotation without rotating it."""
+    from shared import api, service
+
     name = req.route_params.get("name", "")
     return _respond(
         api.adopt(service.engine(), name, req.params, req.get_body(), api.requested_by(req.headers))
@@ -108,6 +122,8 @@ def adopt_secret(req: func.HttpRequest) -> func.HttpResponse:
 @app.route(route="secrets/{name}/rotation", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 def secret_rotation_status(req: func.HttpRequest) -> func.HttpResponse:
     """State, versions, slot, expiry and recent history of one secret."""
+    from shared import api, service
+
     return _respond(api.status(service.engine(), req.route_params.get("name", ""), req.params))
 
 
@@ -115,6 +131,8 @@ def secret_rotation_status(req: func.HttpRequest) -> func.HttpResponse:
 @app.route(route="rotations", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 def list_rotations(req: func.HttpRequest) -> func.HttpResponse:
     """Every managed secret with state, expiry and last outcome; filters and paging."""
+    from shared import api, service
+
     return _respond(api.list_rotations(service.engine(), req.params))
 
 
@@ -122,6 +140,8 @@ def list_rotations(req: func.HttpRequest) -> func.HttpResponse:
 @app.route(route="keys/{name}/rotation-policy", methods=["PUT"], auth_level=func.AuthLevel.FUNCTION)
 def set_key_rotation_policy(req: func.HttpRequest) -> func.HttpResponse:
     """Set a Key Vault key's rotation policy (Key Vault then rotates and notifies by itself)."""
+    from shared import api, service
+
     name = req.route_params.get("name", "")
     return _respond(
         api.set_key_rotation_policy(
