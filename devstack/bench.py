@@ -210,8 +210,8 @@ class VaultProcess:
             stdout=subprocess.PIPE,
             text=True,
         )
-        assert self._process.stdout is not None
-        self.info = json.loads(self._process.stdout.readline())
+        first_line = self._process.stdout.readline() if self._process.stdout else ""
+        self.info = json.loads(first_line)
         self.vault_url: str = self.info["vault_url"]
         self.ca_path: str = self.info["ca_path"]
 
@@ -224,14 +224,14 @@ class VaultProcess:
         }
 
     def control(self, method: str, path: str, body: Any = None) -> Any:
-        request = urllib.request.Request(
+        request = urllib.request.Request(  # noqa: S310 - the emulator's own https URL
             f"{self.vault_url}/_emulator/{path}",
             data=None if body is None else json.dumps(body).encode(),
             method=method,
             headers={"Content-Type": "application/json"},
         )
         context = ssl.create_default_context(cafile=self.ca_path)
-        with urllib.request.urlopen(request, context=context, timeout=30) as response:  # noqa: S310
+        with urllib.request.urlopen(request, context=context, timeout=30) as response:  # noqa: S310 - same
             return json.loads(response.read() or b"null")
 
     def transactions(self) -> dict[str, int]:

@@ -76,7 +76,7 @@ def _epoch(value: str) -> datetime | None:
 
 def parse_event(event_type: str | None, event_id: str | None, data: Any) -> VaultEvent:
     """Validate one event's type and data, whatever schema carried it."""
-    kind = (event_type or "").strip()
+    kind = event_type.strip() if isinstance(event_type, str) else ""
     if kind not in ROTATION_EVENT_TYPES:
         raise InvalidEvent(f"unsupported event type {kind[:80]!r}")
     if not isinstance(data, Mapping):
@@ -106,7 +106,7 @@ def parse_event(event_type: str | None, event_id: str | None, data: Any) -> Vaul
     except ConfigError as error:
         raise InvalidEvent(f"event data Id: {error}") from None
     return VaultEvent(
-        event_id=(event_id or "").strip()[:128],
+        event_id=event_id.strip()[:128] if isinstance(event_id, str) else "",
         event_type=kind,
         vault_url=vault_url,
         object_type=expected,

@@ -358,3 +358,23 @@ def test_no_response_carries_a_secret_value(stack: LocalStack, vault: SecretClie
     for text in texts:
         assert password.encode() not in text
         assert new_password.encode() not in text
+
+
+def test_walking_the_pages_lists_the_vault_once(stack: LocalStack, unique: str) -> None:
+    """Pages after the first come from the first page's snapshot: a full walk costs one vault listing."""
+    for index in range(3):
+        provision_postgres_secret(
+            stack, f"{unique}-{index}", prefix=f"{unique}_{index}", expires_on=soon(300)
+        )
+    stack.vault.reset_counts()
+    body = body_of(listing(page_size="2"))
+    pages, seen = 1, [row["name"] for row in body["value"]]
+    lists_for_first_page = stack.vault.request_counts[("GET", "/secrets")]
+    while "continuation" in body:
+        body = body_of(listing(page_size="2", continuation=body["continuation"]))
+        pages += 1
+        seen += [row["name"] for row in body["value"]]
+    assert pages >= 2
+    assert len(seen) == len(set(seen)) == body["count"]
+    assert {f"{unique}-{index}" for index in range(3)} <= set(seen)
+    assert stack.vault.request_counts[("GET", "/secrets")] == lists_for_first_page
