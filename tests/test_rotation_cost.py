@@ -1,0 +1,144 @@
+"""What a rotation costs in Key Vault transactions, and how the engine keeps to a vault's budget.
+
+Counted at the emulator, the way Key Vault bills and throttles: every authenticated request.
+"""
+
+import json
+import secrets
+from datetime import timedelta
+
+import pytest
+from azure.keyvault.secrets import SecretClient
+from psycopg import sql
+
+from devstack.keyvault import ServiceLimits
+from devstack.stack import LocalStack, provision_postgres_secret
+from shared.engine import RotationEngine
+from shared.events import parse_payload
+from tests.conftest import can_login, soon
+from tests.crashes import TestClock
+
+pytestmark = pytest.mark.usefixtures("app_settings")
+
+
+def event_for(stack: LocalStack, name: str) -> bytes:
+    return json.dumps([stack.vault.events_for(name)]).encode()
+
+
+def test_a_rotation_cycle_costs_three_key_vault_transactions(
+    stack: LocalStack, vault: SecretClient, unique: str, engine_with: object
+) -> None:
+    # Given a PostgreSQL secret rotated once (its overlap now over), by a worker with a warm cache
+    provision_postgres_secret(stack, unique, prefix=unique, expires_on=soon(20), overlap="PT1M")
+    clock = TestClock()
+    engine: RotationEngine = engine_with(clock=clock.now)  # type: ignore[operator]
+    assert engine.rotate(stack.vault.vault_url, unique, trigger="manual").status == "rotated"
+    clock.advance(timedelta(minutes=2))
+    # When the next near-expiry event arrives
+    stack.vault.reset_counts()
+    (event,) = parse_payload(event_for(stack, unique))
+    assert engine.handle_event(event).status == "rotated"
+    # Then the previous rotation's slot was retired and a new version written, for three transactions:
+    # read the secret, disable the retired version, write the new version
+    assert stack.vault.transactions() == {"creates": 1, "others": 2, "throttled": 0}
+    assert dict(stack.vault.request_counts) == {
+        ("GET", "/secrets/{name}"): 1,
+        ("PATCH", "/secrets/{name}/{version}"): 1,
+        ("PUT", "/secrets/{name}"): 1,
+    }
+    assert can_login(stack, json.loads(vault.get_secret(unique).value or "{}"))
+
+
+def test_a_rotated_admin_password_costs_one_failed_login_not_an_outage(
+    stack: LocalStack, vault: SecretClient, unique: str, engine_with: object
+) -> None:
+    # Given a secret whose admin credential is its own Key Vault secret, cached by the worker
+    admin_role, admin_secret = f"{unique}_admin", f"{unique}-admin"
+
+    def set_admin_password(password: str) -> None:
+        with stack.postgres.admin_connect() as conn:
+            conn.execute(
+                sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(admin_role), sql.Literal(password))
+            )
+        vault.set_secret(admin_secret, json.dumps({"username": admin_role, "password": password}))
+
+    with stack.postgres.admin_connect() as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN CREATEROLE").format(sql.Identifier(admin_role)))
+    set_admin_password(secrets.token_urlsafe(24))
+    provision_postgres_secret(
+        stack,
+        unique,
+        prefix=unique,
+        expires_on=soon(20),
+        overlap="PT0S",
+        extra_tags={"rotation-admin-secret": admin_secret},
+    )
+    engine: RotationEngine = engine_with()  # type: ignore[operator]
+    url = stack.vault.vault_url
+    assert engine.rotate(url, unique, trigger="manual").status == "rotated"
+    # When the admin password is rotated elsewhere while the worker still caches the old one
+    set_admin_password(secrets.token_urlsafe(24))
+    stack.vault.reset_counts()
+    outcome = engine.rotate(url, unique, trigger="manual", emergency=True)
+    # Then the rotation succeeds, having read the admin secret again
+    assert outcome.status == "rotated", outcome.message
+    assert can_login(stack, json.loads(vault.get_secret(unique).value or "{}"))
+    assert stack.vault.request_counts[("GET", "/secrets/{name}")] >= 2
+
+
+def test_a_fleet_due_at_once_keeps_to_the_vault_budget(
+    stack: LocalStack, vault: SecretClient, unique: str, engine_with: object
+) -> None:
+    # Given eight secrets due at once and a vault that allows 3 secret creates per second
+    names = [f"{unique}-{index}" for index in range(8)]
+    with stack.postgres.admin_connect() as conn:
+        for index, name in enumerate(names):
+            provision_postgres_secret(
+                stack, name, prefix=f"{unique}_{index}", expires_on=soon(3), admin=conn, vault=vault
+            )
+    engine: RotationEngine = engine_with(  # type: ignore[operator]
+        {
+            "KEYVAULT_SECRET_CREATES_LIMIT": "3",
+            "KEYVAULT_TRANSACTIONS_LIMIT": "200",
+            "KEYVAULT_LIMIT_WINDOW": "PT1S",
+            "ROTATION_SWEEP_CONCURRENCY": "4",
+        },
+        probe=lambda url, deadline: None,
+    )
+    stack.vault.reset_counts()
+    stack.vault.enforce_limits(ServiceLimits(creates=3, others=400, window=1.0))
+    try:
+        # When the timer sweeps
+        outcomes = engine.sweep()
+    finally:
+        stack.vault.enforce_limits(None)
+    # Then every one rotated, paced under the limit: Key Vault never had to throttle
+    ours = {outcome.secret: outcome.status for outcome in outcomes if outcome.secret in names}
+    assert ours == dict.fromkeys(names, "rotated")
+    assert stack.vault.transactions()["throttled"] == 0
+    for name in names:
+        assert can_login(stack, json.loads(vault.get_secret(name).value or "{}"))
+
+
+def test_without_pacing_the_retries_still_rotate_every_secret(
+    stack: LocalStack, vault: SecretClient, unique: str, engine_with: object
+) -> None:
+    """Other workers share the vault: 429s without Retry-After are retried, nothing fails."""
+    names = [f"{unique}-{index}" for index in range(4)]
+    with stack.postgres.admin_connect() as conn:
+        for index, name in enumerate(names):
+            provision_postgres_secret(
+                stack, name, prefix=f"{unique}_{index}", expires_on=soon(3), admin=conn, vault=vault
+            )
+    engine: RotationEngine = engine_with(  # type: ignore[operator]
+        {"ROTATION_SWEEP_CONCURRENCY": "4"}, probe=lambda url, deadline: None
+    )
+    stack.vault.reset_counts()
+    stack.vault.enforce_limits(ServiceLimits(creates=1, others=400, window=0.5))
+    try:
+        outcomes = engine.sweep()
+    finally:
+        stack.vault.enforce_limits(None)
+    ours = {outcome.secret: outcome.status for outcome in outcomes if outcome.secret in names}
+    assert ours == dict.fromkeys(names, "rotated")
+    assert stack.vault.transactions()["throttled"] > 0
