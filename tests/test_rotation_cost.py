@@ -25,6 +25,17 @@ def event_for(stack: LocalStack, name: str) -> bytes:
     return json.dumps([stack.vault.events_for(name)]).encode()
 
 
+def provision_due(stack: LocalStack, vault: SecretClient, unique: str, count: int) -> list[str]:
+    """`count` PostgreSQL secrets three days from expiry: due for the sweep."""
+    names = [f"{unique}-{index}" for index in range(count)]
+    with stack.postgres.admin_connect() as conn:
+        for index, name in enumerate(names):
+            provision_postgres_secret(
+                stack, name, prefix=f"{unique}_{index}", expires_on=soon(3), admin=conn, vault=vault
+            )
+    return names
+
+
 def test_a_rotation_cycle_costs_three_key_vault_transactions(
     stack: LocalStack, vault: SecretClient, unique: str, engine_with: object
 ) -> None:
@@ -90,12 +101,7 @@ def test_a_fleet_due_at_once_keeps_to_the_vault_budget(
     stack: LocalStack, vault: SecretClient, unique: str, engine_with: object
 ) -> None:
     # Given eight secrets due at once and a vault that allows 3 secret creates per second
-    names = [f"{unique}-{index}" for index in range(8)]
-    with stack.postgres.admin_connect() as conn:
-        for index, name in enumerate(names):
-            provision_postgres_secret(
-                stack, name, prefix=f"{unique}_{index}", expires_on=soon(3), admin=conn, vault=vault
-            )
+    names = provision_due(stack, vault, unique, 8)
     engine: RotationEngine = engine_with(  # type: ignore[operator]
         {
             "KEYVAULT_SECRET_CREATES_LIMIT": "3",
@@ -124,12 +130,7 @@ def test_without_pacing_the_retries_still_rotate_every_secret(
     stack: LocalStack, vault: SecretClient, unique: str, engine_with: object
 ) -> None:
     """Other workers share the vault: 429s without Retry-After are retried, nothing fails."""
-    names = [f"{unique}-{index}" for index in range(4)]
-    with stack.postgres.admin_connect() as conn:
-        for index, name in enumerate(names):
-            provision_postgres_secret(
-                stack, name, prefix=f"{unique}_{index}", expires_on=soon(3), admin=conn, vault=vault
-            )
+    names = provision_due(stack, vault, unique, 4)
     engine: RotationEngine = engine_with(  # type: ignore[operator]
         {"ROTATION_SWEEP_CONCURRENCY": "4"}, probe=lambda url, deadline: None
     )
