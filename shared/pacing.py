@@ -91,6 +91,7 @@ def budget_for(vault_url: str, creates: int, others: int, window: float) -> Vaul
     host = urlsplit(vault_url).netloc.lower()
     with _budgets_lock:
         budget = _budgets.get(host)
-        if budget is None or (budget.creates.limit, budget.others.limit) != (creates, others):
+        wanted = (creates, others, window + WINDOW_MARGIN_SECONDS)
+        if budget is None or (budget.creates.limit, budget.others.limit, budget.creates.window) != wanted:
             budget = _budgets[host] = VaultBudget(creates, others, window)
         return budget
