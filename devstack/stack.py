@@ -171,12 +171,26 @@ def provision_postgres_secret(
     return ManagedPostgresSecret(name=name, group=group, slots=(blue, green), first_version=first)
 
 
+@dataclass(frozen=True)
+class ManagedApiKeySecret:
+    admin_key: str
+    first_version: KeyVaultSecret
+    value: dict[str, str]
+
+
 def provision_api_key_secret(
-    stack: LocalStack, name: str, *, expires_on: datetime, overlap: str = "PT10S"
-) -> str:
-    """A vendor account with its first key on slot `primary`, its admin key in `<name>-admin`,
-    and the secret holding the first key under rotation. Returns the account's admin key."""
-    vault, vendor = stack.secret_client(), stack.vendor
+    stack: LocalStack,
+    name: str,
+    *,
+    expires_on: datetime,
+    overlap: str = "PT10S",
+    validity: timedelta = timedelta(days=90),
+    vendor: VendorApi | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> ManagedApiKeySecret:
+    """A vendor account (on `vendor`, default the stack's) with its first key on slot `primary`,
+    its admin key in `<name>-admin`, and the secret holding the first key under rotation."""
+    vault, vendor = stack.secret_client(), vendor or stack.vendor
     admin_key = vendor.add_account()
     vault.set_secret(f"{name}-admin", json.dumps({"key": admin_key}), content_type="application/json")
     key_id, key = vendor.issue(admin_key, "primary")
@@ -186,13 +200,15 @@ def provision_api_key_secret(
         "rotation-target": vendor.base_url,
         "rotation-slots": "primary,secondary",
         "rotation-current-slot": "primary",
+        "rotation-validity": f"P{validity.days}D",
         "rotation-overlap": overlap,
         "rotation-admin-secret": f"{name}-admin",
+        **(extra_tags or {}),
     }
-    vault.set_secret(
+    first = vault.set_secret(
         name, json.dumps(value), tags=tags, expires_on=expires_on, content_type="application/json"
     )
-    return admin_key
+    return ManagedApiKeySecret(admin_key, first, value)
 
 
 def provision_storage_key_secret(

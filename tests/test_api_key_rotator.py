@@ -21,7 +21,7 @@ import pytest
 from azure.keyvault.secrets import SecretClient
 
 from devstack.ports import free_port
-from devstack.stack import LocalStack
+from devstack.stack import LocalStack, provision_api_key_secret
 from devstack.vendor_api import VendorApi
 from rotators.api_key import parse_contract
 from shared import service
@@ -106,27 +106,16 @@ def provision(
     extra_tags: dict[str, str] | None = None,
 ) -> Managed:
     """A vendor account with its first key on slot `primary`, and the secret holding it, under rotation."""
-    vendor = vendor or vendors.default
-    vault = stack.secret_client()
-    admin_key = vendor.add_account()
-    vault.set_secret(f"{name}-admin", json.dumps({"key": admin_key}), content_type="application/json")
-    key_id, key = vendor.issue(admin_key, "primary")
-    value = {"engine": "api-key", "base_url": vendor.base_url, "key_id": key_id, "key": key}
-    tags = {
-        "rotation-rotator": "api-key",
-        "rotation-target": vendor.base_url,
-        "rotation-slots": "primary,secondary",
-        "rotation-current-slot": "primary",
-        "rotation-validity": "P90D",
-        "rotation-overlap": overlap,
-        "rotation-admin-secret": f"{name}-admin",
-        **(extra_tags or {}),
-    }
-    first = vault.set_secret(
-        name, json.dumps(value), tags=tags, expires_on=soon(20), content_type="application/json"
+    managed = provision_api_key_secret(
+        stack,
+        name,
+        expires_on=soon(20),
+        overlap=overlap,
+        vendor=vendor or vendors.default,
+        extra_tags=extra_tags,
     )
     vendors.secrets += [name, f"{name}-admin"]
-    return Managed(name, admin_key, first.properties.version or "", value)
+    return Managed(name, managed.admin_key, managed.first_version.properties.version or "", managed.value)
 
 
 def credential(vault: SecretClient, name: str, version: str | None = None) -> dict[str, str]:
