@@ -196,12 +196,15 @@ class RotationEngine:
         dry_run: bool = False,
         override_window: bool = False,
         expected_version: str | None = None,
+        ledger_row: SecretState | None = None,
     ) -> Outcome:
         """Rotate one secret now, or resume its stalled rotation.
 
         `dry_run` creates and verifies a credential on the inactive slot, then revokes
         it, writing nothing to Key Vault. Automatic triggers respect the secret's
         rotation window; an operator may override it, and an emergency always does.
+        `ledger_row` is the secret's ledger row as the caller has just read it (a new one if
+        it has none), saving a read: the claim is conditional on its ETag either way.
         """
         vault_url = normalize_vault_url(vault_url)
         try:
@@ -211,7 +214,7 @@ class RotationEngine:
         if not self.settings.vault_allowed(vault_url):
             return self._log(Outcome(DROPPED, name, f"vault {vault_url} is not in ROTATION_ALLOWED_VAULTS"))
 
-        state = self.ledger.get(vault_url, name)
+        state = ledger_row or self.ledger.get(vault_url, name)
         now = self._clock()
         if state and state.lease_held(now):
             return self._log(
@@ -242,7 +245,7 @@ class RotationEngine:
             window = config.tags.get(TAG_WINDOW, "")
             return self._log(Outcome(OUTSIDE_WINDOW, name, f"outside the rotation window ({window} UTC)"))
 
-        if state and state.state == OVERLAP and not dry_run:
+        if state and state.state == OVERLAP:
             due = state.retire_after is not None and state.retire_after <= now
             if not (due or emergency):
                 when = state.retire_after.isoformat() if state.retire_after else "?"
@@ -267,7 +270,6 @@ class RotationEngine:
             self.ledger.save(state)
         except ConcurrentUpdate:
             return self._log(Outcome(IN_PROGRESS, name, "a rotation of this secret is in progress"))
-        self._write_history(state, from_state=True)
         self._checkpoint("after:claim")
         return self._run(state, client, config, claimed_now=True)
 
@@ -435,6 +437,7 @@ class RotationEngine:
                     trigger="sweep",
                     requested_by="timer",
                     expected_version=props.version,
+                    ledger_row=states.get((vault_url, name)) or SecretState(vault_url=vault_url, name=name),
                 )
                 work.append((name, rotate))
         return self._run_all(work)
@@ -571,7 +574,7 @@ class RotationEngine:
         state.retire_after = now if state.emergency else now + config.overlap
         state.state, state.step, state.lease_until, state.pending_credential = OVERLAP, "", None, ""
         self.ledger.save(state)
-        self._write_history(state, outcome=ROTATED, ended_on=now, from_state=True)
+        self._write_history(state, outcome=ROTATED, ended_on=now)
         message = (
             f"new version {state.new_version} on slot {state.to_slot}; "
             f"previous slot retires at {state.retire_after.isoformat()}"
@@ -584,7 +587,6 @@ class RotationEngine:
             rotator.retire(context, state.to_slot)
         now = self._clock()
         state.state, state.step, state.lease_until, state.pending_credential = IDLE, "", None, ""
-        state.dry_run = False
         self.ledger.save(state)
         self._write_history(state, outcome=DRY_RUN_PASSED, ended_on=now)
         message = f"created, verified and revoked a credential on slot {state.to_slot}; Key Vault unchanged"
@@ -682,7 +684,9 @@ class RotationEngine:
             self.ledger.save(state)
         except ConcurrentUpdate:
             return Outcome(IN_PROGRESS, state.name, "retirement taken over by another run", state.rotation_id)
-        self._write_history(state, retired_on=now)
+        self._write_history(
+            state, outcome=state.last_outcome or ROTATED, ended_on=state.last_rotated_on, retired_on=now
+        )
         return self._log(
             Outcome(RETIRED, state.name, f"retired slot {slot} (version {version})", state.rotation_id)
         )
@@ -739,16 +743,23 @@ class RotationEngine:
     def _step(self, state: SecretState, step: str) -> Iterator[None]:
         state.step = step
         self._checkpoint(f"before:{step}")
-        if step in _FENCED_STEPS:
+        if step in _FENCED_STEPS and self._lease_running_out(state):
             # A conditional write right before the step changes something upstream or in Key
-            # Vault: a run that stalled past its lease and was taken over finds the row changed
-            # here and stops (ConcurrentUpdate). Read-only steps (verify, validate) and finish,
-            # which saves anyway, skip it: each ledger write costs as much as the step itself.
+            # Vault: a run that stalled and was taken over finds the row changed here and stops
+            # (ConcurrentUpdate). No other run can take over while the lease holds, so a run
+            # with most of its lease left goes on without it: each ledger write costs as much
+            # as the step itself. Read-only steps (verify, validate) never need it.
             self.ledger.save(state)
         started = time.perf_counter()
         yield
         state.record_timing(step, (time.perf_counter() - started) * 1000)
         self._checkpoint(f"after:{step}")
+
+    def _lease_running_out(self, state: SecretState) -> bool:
+        """Less than half the lease is left: far more than clock skew between workers."""
+        if state.lease_until is None:
+            return True
+        return state.lease_until - self._clock() < self.settings.lease / 2
 
     @contextmanager
     def _isolated(self, name: str, outcomes: list[Outcome]) -> Iterator[None]:
@@ -796,18 +807,14 @@ class RotationEngine:
         self,
         state: SecretState,
         *,
-        outcome: str | None = None,
-        ended_on: datetime | None = None,
+        outcome: str,
+        ended_on: datetime | None,
         retired_on: datetime | None = None,
         error: str = "",
-        from_state: bool = False,
     ) -> None:
-        """Create or update the rotation's history row. Up to `finish` the state row holds every
-        field of it, so `from_state` builds it from there and saves reading it first."""
-        existing = (
-            None if from_state else self.ledger.read_history(state.vault_url, state.name, state.history_key)
-        )
-        record = existing or HistoryRecord(
+        """Write the rotation's history row when it ends (and again when its overlap is retired).
+        The state row holds every field of it until the next claim, so nothing is read first."""
+        record = HistoryRecord(
             vault_url=state.vault_url,
             name=state.name,
             rotation_id=state.rotation_id,
@@ -817,21 +824,17 @@ class RotationEngine:
             emergency=state.emergency,
             dry_run=state.dry_run,
             started_on=state.started_on,
+            ended_on=ended_on,
+            retired_on=retired_on,
+            outcome=outcome,
             from_version=state.from_version,
+            new_version=state.new_version,
             from_slot=state.from_slot,
             to_slot=state.to_slot,
+            attempts=state.attempts,
+            error=error[:500],
+            step_timings=state.step_timings,
         )
-        record.new_version = state.new_version or record.new_version
-        record.attempts = state.attempts
-        record.step_timings = state.step_timings
-        if outcome:
-            record.outcome = outcome
-        if ended_on:
-            record.ended_on = ended_on
-        if retired_on:
-            record.retired_on = retired_on
-        if error:
-            record.error = error[:500]
         self.ledger.write_history(record, state.history_key)
 
     def _tell(self, outcome: Outcome, state: SecretState) -> Outcome:

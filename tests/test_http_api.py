@@ -118,6 +118,23 @@ def test_dry_run_creates_verifies_and_revokes_without_touching_key_vault(
     assert credential(vault, unique) == before
     assert can_login(stack, before)
     assert body_of(status(unique))["history"][0]["outcome"] == "dry_run_passed"
+    assert body_of(status(unique))["history"][0]["dry_run"] is True
+
+
+def test_a_dry_run_during_the_overlap_is_deferred_and_leaves_both_credentials_working(
+    stack: LocalStack, vault: SecretClient, unique: str
+) -> None:
+    """During the overlap the inactive slot is the previous credential, still in use: a dry run
+    there would break its consumers."""
+    provision_postgres_secret(stack, unique, prefix=unique, expires_on=soon(200), overlap="P1D")
+    previous = credential(vault, unique)
+    assert rotate(unique).status_code == 200
+    response = rotate(unique, {"dry_run": True})
+    assert response.status_code == 409
+    assert error_code(response) == "deferred"
+    assert can_login(stack, previous)
+    assert can_login(stack, credential(vault, unique))
+    assert body_of(status(unique))["state"] == "overlap"
 
 
 def test_rotation_in_progress_answers_409(

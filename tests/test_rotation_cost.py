@@ -5,7 +5,9 @@ Counted at the emulator, the way Key Vault bills and throttles: every authentica
 
 import json
 import secrets
+from collections import Counter
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from azure.keyvault.secrets import SecretClient
@@ -58,6 +60,41 @@ def test_a_rotation_cycle_costs_three_key_vault_transactions(
         ("PUT", "/secrets/{name}"): 1,
     }
     assert can_login(stack, json.loads(vault.get_secret(unique).value or "{}"))
+
+
+def count_ledger_calls(engine: RotationEngine, names: list[str]) -> Counter[str]:
+    """Spy on the real ledger: which of its calls the rotations of `names` made."""
+    calls: Counter[str] = Counter()
+    ledger = engine.ledger
+
+    def spy(method: str, name_of: Any) -> None:
+        real = getattr(ledger, method)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if name_of(*args) in names:
+                calls[method] += 1
+            return real(*args, **kwargs)
+
+        setattr(ledger, method, counted)
+
+    spy("get", lambda vault_url, name: name)
+    spy("save", lambda state: state.name)
+    spy("write_history", lambda record, row_key: record.name)
+    return calls
+
+
+def test_a_swept_rotation_writes_the_ledger_three_times_and_never_reads_it_alone(
+    stack: LocalStack, vault: SecretClient, unique: str, engine_with: object
+) -> None:
+    """Each ledger call is a Table storage round trip: the sweep's one read of all rows serves
+    every rotation; each then claims (a conditional write), finishes and records its history.
+    No other write happens while the run holds most of its lease."""
+    names = provision_due(stack, vault, unique, 3)
+    engine: RotationEngine = engine_with(probe=lambda url, deadline: None)  # type: ignore[operator]
+    calls = count_ledger_calls(engine, names)
+    outcomes = engine.sweep()
+    assert {o.secret: o.status for o in outcomes if o.secret in names} == dict.fromkeys(names, "rotated")
+    assert calls == {"save": 2 * len(names), "write_history": len(names)}
 
 
 def test_a_rotated_admin_password_costs_one_failed_login_not_an_outage(
