@@ -7,9 +7,11 @@ login, so objects either one creates are owned by the group and stay usable
 by the other. A rotation gives the inactive role a new password; retiring a
 role sets its password to an unknown random value and ends its sessions.
 
-Passwords never travel in SQL: libpq hashes them into a SCRAM verifier on
-this side, and `ALTER ROLE ... PASSWORD` (which takes no bind parameters)
-is composed with `psycopg.sql` from that verifier.
+Passwords never travel in SQL: they are hashed into a SCRAM-SHA-256 verifier on
+this side (scramp, with the server's `scram_iterations`, at least 4096), and
+`ALTER ROLE ... PASSWORD` (which takes no bind parameters) is composed with
+`psycopg.sql` from that verifier. scramp hashes with hashlib, which lets the
+other rotations of a sweep run meanwhile; libpq's hashing holds the GIL.
 
 Tags read here: `rotation-target` (`host:port/dbname`), `rotation-slots`,
 `rotation-pg-group`, and either `rotation-admin-secret` (a Key Vault secret
@@ -18,19 +20,23 @@ holding `{"username": ..., "password": ...}` of an admin with CREATEROLE) or
 signs in with a token, as Azure Database for PostgreSQL supports).
 """
 
+import base64
 import json
 import logging
 import re
 import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 from psycopg import sql
+from scramp import ScramMechanism
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from rotators.base import NewCredential, RotationContext
+from rotators.postgres_sessions import AdminSessions, Session, SessionKey, session_key
 from shared.errors import ConfigError, UnsafeOperation, UpstreamError, VerificationFailed
 
 logger = logging.getLogger(__name__)
@@ -38,6 +44,9 @@ logger = logging.getLogger(__name__)
 TAG_GROUP = "rotation-pg-group"
 TAG_ADMIN_USER = "rotation-admin-user"
 ENTRA_SCOPE = "https://ossrdbms-aad.database.windows.net/.default"
+SCRAM = ScramMechanism("SCRAM-SHA-256")
+# PostgreSQL's default, and scramp's floor; a server (16 and later) that reports more gets more.
+MIN_SCRAM_ITERATIONS = 4096
 _ROLE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _PRIVILEGED = "rolsuper OR rolcreaterole OR rolcreatedb OR rolreplication OR rolbypassrls"
 
@@ -49,6 +58,9 @@ def _describe(error: psycopg.Error) -> str:
 
 class PostgresRotator:
     name = "postgres"
+
+    def __init__(self) -> None:
+        self._sessions = AdminSessions()
 
     def validate(self, context: RotationContext) -> None:
         config = context.config
@@ -158,25 +170,37 @@ class PostgresRotator:
 
     @contextmanager
     def _admin(self, context: RotationContext) -> Iterator[psycopg.Connection[Any]]:
+        """An admin session: an idle one of the same login if the worker has one, else a new one."""
         config = context.config
         try:
             try:
-                conn = self._connect(context, *self._admin_login(context))
+                key, session = self._admin_session(context)
             except psycopg.OperationalError:
                 if not config.admin_secret:
                     raise
                 # The cached admin password may have been rotated since: read it again, once.
-                conn = self._connect(context, *self._admin_login(context, fresh=True))
+                key, session = self._admin_session(context, fresh=True)
         except psycopg.Error as error:
             raise UpstreamError(
                 f"cannot reach PostgreSQL {config.target} as admin: {_describe(error)}"
             ) from None
         try:
-            yield conn
+            yield session.conn
         except psycopg.Error as error:
+            session.conn.close()
             raise UpstreamError(f"PostgreSQL {config.target}: {_describe(error)}") from None
         finally:
-            conn.close()
+            self._sessions.give_back(key, session)
+
+    def _admin_session(self, context: RotationContext, *, fresh: bool = False) -> tuple[SessionKey, Session]:
+        user, password = self._admin_login(context, fresh=fresh)
+        target = context.config.target
+        key = session_key(target.host, target.port, target.database, user, password)
+        session = self._sessions.borrow(key)
+        if session is None:
+            max_age = context.settings.admin_secret_cache.total_seconds()
+            session = Session(self._connect(context, user, password), time.monotonic() + max_age)
+        return key, session
 
     def _admin_login(self, context: RotationContext, *, fresh: bool = False) -> tuple[str, str]:
         config = context.config
@@ -234,9 +258,20 @@ class PostgresRotator:
             raise UnsafeOperation(f"role {slot} is not a member of group {group}: refusing to rotate it")
 
     def _set_password(self, conn: psycopg.Connection[Any], role: str, password: str) -> None:
-        verifier = conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256")
         conn.execute(
             sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD {}").format(
-                sql.Identifier(role), sql.Literal(verifier.decode())
+                sql.Identifier(role), sql.Literal(scram_verifier(conn, password))
             )
         )
+
+
+def scram_verifier(conn: psycopg.Connection[Any], password: str) -> str:
+    """The `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>` form PostgreSQL stores."""
+    reported = conn.info.parameter_status("scram_iterations") or ""
+    iterations = max(int(reported) if reported.isdigit() else 0, MIN_SCRAM_ITERATIONS)
+    salt, stored_key, server_key, iterations = SCRAM.make_auth_info(password, iteration_count=iterations)
+    encode = base64.b64encode
+    return (
+        f"SCRAM-SHA-256${iterations}:{encode(salt).decode()}"
+        f"${encode(stored_key).decode()}:{encode(server_key).decode()}"
+    )
