@@ -97,9 +97,9 @@ def _render(command: str, result: api.ApiResult) -> str:
     if "error" in body:
         return f"error ({result.status} {body['error']['code']}): {body['error']['message']}"
     if command == "list":
-        columns = ("name", "state", "expires_on", "last_outcome", "last_rotated_on", "retire_after")
+        listed = ("name", "rotator", "state", "expires_on", "last_outcome", "last_rotated_on", "retire_after")
         footer = f"\n{body['count']} managed secret(s)"
-        return _table(body["value"], columns) + footer
+        return _table(body["value"], listed) + footer
     if command == "key-policy":
         policy = body["policy"]
         actions = [

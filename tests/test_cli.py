@@ -32,8 +32,8 @@ def test_rotate_status_and_list_as_tables(
 
     assert run(["list"]) == EXIT_OK
     out = capsys.readouterr().out
-    assert out.splitlines()[0].split()[:2] == ["NAME", "STATE"]
-    assert any(line.startswith(unique) and "overlap" in line for line in out.splitlines())
+    assert out.splitlines()[0].split()[:3] == ["NAME", "ROTATOR", "STATE"]
+    assert any(line.split()[:3] == [unique, "postgres", "overlap"] for line in out.splitlines())
 
 
 def test_json_output_and_emergency(
