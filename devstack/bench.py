@@ -11,7 +11,8 @@ Sections:
    429 beyond, no Retry-After). Ceiling = fleet / (creates per second); the ratio to the
    ceiling is ceiling time / wall time, so 1.0 is Key Vault's own limit.
 4. Cold start: importing `function_app` in a fresh interpreter vs a bare azure-functions app.
-5. Status at scale: `GET /api/rotations`, first page and a full scan, over many managed secrets.
+5. Status at scale: `GET /api/rotations`, first page and a full scan, over many managed secrets:
+   listing the vault, then from the inventory the sweep keeps in the ledger.
 
 `--quick` scales the fleet and the status vault down (the fleet keeps the same number of
 windows and the same creates per second, so its ratio compares) and takes fewer samples.
@@ -276,6 +277,9 @@ def fleet(stack: "LocalStack", scale: Scale, concurrency: int) -> None:
                     provision_postgres_secret(
                         stack, f"fleet-{i}", prefix=f"fleet_{i}", expires_on=expires, admin=conn, vault=client
                     )
+            # Steady state: the secrets existed long before they came due, so earlier sweeps
+            # have them in the inventory already (a first sweep after a mass import writes it).
+            engine.managed_secrets(refresh=True)
             before = vault.transactions()
             limits = {"creates": scale.creates, "others": scale.others, "window": scale.window}
             vault.control("PUT", "limits", limits)
@@ -376,13 +380,16 @@ def status_at_scale(stack: "LocalStack", count: int) -> None:
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(seed_row, range(count)))
 
-            def first_page() -> float:
+            def first_page(**params: str) -> float:
                 started = time.perf_counter()
-                result = api.list_rotations(engine, {"page_size": "50"})
+                result = api.list_rotations(engine, {"page_size": "50", **params})
                 if result.status != 200:
                     raise RuntimeError(f"GET /rotations answered {result.status}")
                 return (time.perf_counter() - started) * 1000
 
+            vault.reset_counts()
+            listed = first_page(refresh="true")  # as the sweep does: list the vault, keep the inventory
+            listed_tx = sum(vault.request_counts.values())
             vault.reset_counts()
             firsts = [first_page() for _ in range(3)]
             first_tx = sum(vault.request_counts.values()) / 3
@@ -400,9 +407,18 @@ def status_at_scale(stack: "LocalStack", count: int) -> None:
         f"Status at scale: GET /api/rotations over {count} managed secrets",
         ["request", "time", "Key Vault transactions"],
         [
-            ["first page (50), median of 3", f"{median(firsts):.0f} ms", f"{first_tx:.0f}"],
-            [f"full scan ({pages} pages of 200)", f"{full_ms:.0f} ms", str(full_tx)],
+            ["first page (50), listing the vault (refresh=true)", f"{listed:.0f} ms", str(listed_tx)],
+            [
+                "first page (50), from the inventory, median of 3",
+                f"{median(firsts):.0f} ms",
+                f"{first_tx:.0f}",
+            ],
+            [f"full scan ({pages} pages of 200), from the inventory", f"{full_ms:.0f} ms", str(full_tx)],
         ],
+    )
+    print(
+        "  The timer sweep lists each vault every 5 minutes anyway and keeps what it saw in the\n"
+        "  ledger; GET /rotations reads that inventory (ROTATION_INVENTORY_MAX_AGE, default 10 min)."
     )
 
 

@@ -266,34 +266,34 @@ def _continuation(token: str) -> tuple[int, str]:
 
 
 class _Snapshots:
-    """The listing a first page was cut from, kept briefly for the pages that follow.
-
-    Listing every managed secret reads the whole vault (one Key Vault transaction per 25
-    secrets): without this, walking 10,000 secrets in pages of 200 would list the vault 50
-    times and spend 20,000 transactions of the budget the applications share. A page served
-    by another worker, or after the snapshot expired, lists again: still correct, just dearer.
-    """
+    """The listing a first page was cut from, kept briefly for the pages that follow, so a walk
+    through 10,000 secrets reads the ledger (or, when its inventory is stale, lists the vault)
+    once, not once per page. A page served by another worker, or after the snapshot expired,
+    reads again: still correct, just dearer."""
 
     LIFETIME_SECONDS = 120.0
     KEPT = 4
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._rows: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+        self._rows: dict[str, tuple[float, list[dict[str, Any]], datetime]] = {}
 
-    def rows(self, engine: RotationEngine, snapshot: str) -> tuple[str, list[dict[str, Any]]]:
+    def rows(
+        self, engine: RotationEngine, snapshot: str, *, refresh: bool
+    ) -> tuple[str, list[dict[str, Any]], datetime]:
         now = time.monotonic()
         with self._lock:
             self._rows = {k: v for k, v in self._rows.items() if now - v[0] < self.LIFETIME_SECONDS}
             if snapshot in self._rows:
-                return snapshot, self._rows[snapshot][1]
-        rows = engine.managed_secrets()
+                _, rows, as_of = self._rows[snapshot]
+                return snapshot, rows, as_of
+        rows, as_of = engine.managed_secrets(refresh=refresh)
         snapshot = uuid.uuid4().hex[:16]
         with self._lock:
             while len(self._rows) >= self.KEPT:
                 del self._rows[min(self._rows, key=lambda k: self._rows[k][0])]
-            self._rows[snapshot] = (now, rows)
-        return snapshot, rows
+            self._rows[snapshot] = (now, rows, as_of)
+        return snapshot, rows, as_of
 
 
 _snapshots = _Snapshots()
@@ -320,7 +320,10 @@ def list_rotations(engine: RotationEngine, params: Mapping[str, str]) -> ApiResu
     offset, snapshot = _continuation(params["continuation"]) if "continuation" in params else (0, "")
     vault = _vault(engine, params) if "vault" in params else None
 
-    snapshot, rows = _snapshots.rows(engine, snapshot)
+    refresh = params.get("refresh", "false").lower()
+    if refresh not in ("true", "false"):
+        raise BadRequest(400, "invalid_query", "refresh must be true or false")
+    snapshot, rows, as_of = _snapshots.rows(engine, snapshot, refresh=refresh == "true")
     if vault:
         rows = [row for row in rows if row["vault"] == vault]
     if state:
@@ -330,7 +333,7 @@ def list_rotations(engine: RotationEngine, params: Mapping[str, str]) -> ApiResu
             row for row in rows if row["expires_on"] and datetime.fromisoformat(row["expires_on"]) <= horizon
         ]
     page = rows[offset : offset + page_size]
-    body: dict[str, Any] = {"value": page, "count": len(rows)}
+    body: dict[str, Any] = {"value": page, "count": len(rows), "as_of": as_of.isoformat()}
     if offset + page_size < len(rows):
         body["continuation"] = _page_token(offset + page_size, snapshot)
     return ApiResult(200, body)

@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="every managed secret")
     listing.add_argument("--state", choices=api.STATES)
     listing.add_argument("--due-within", help="only secrets expiring within this ISO 8601 duration")
+    listing.add_argument(
+        "--refresh", action="store_true", help="list the vaults now, not the last sweep's inventory"
+    )
 
     commands.add_parser("sweep", help="retire due overlaps, resume stalled rotations, rotate what is due")
 
@@ -98,7 +101,7 @@ def _render(command: str, result: api.ApiResult) -> str:
         return f"error ({result.status} {body['error']['code']}): {body['error']['message']}"
     if command == "list":
         listed = ("name", "rotator", "state", "expires_on", "last_outcome", "last_rotated_on", "retire_after")
-        footer = f"\n{body['count']} managed secret(s)"
+        footer = f"\n{body['count']} managed secret(s), as listed at {body['as_of']}"
         return _table(body["value"], listed) + footer
     if command == "key-policy":
         policy = body["policy"]
@@ -157,6 +160,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         filters = {"page_size": str(api.MAX_PAGE_SIZE)}
         filters |= {"state": args.state} if args.state else {}
         filters |= {"due_within": args.due_within} if args.due_within else {}
+        filters |= {"refresh": "true"} if args.refresh else {}
         result = api.list_rotations(engine, {**params, **filters})
     elif args.command == "sweep":
         outcomes = engine.sweep()

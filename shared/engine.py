@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -37,6 +37,7 @@ from azure.keyvault.secrets import KeyVaultSecret, SecretClient, SecretPropertie
 from rotators import RotationContext, Rotator, RotatorRegistry
 from shared.config import (
     TAG_ROTATION_ID,
+    TAG_ROTATOR,
     TAG_WINDOW,
     RotationConfig,
     is_managed,
@@ -52,6 +53,7 @@ from shared.ledger import (
     ROTATING,
     ConcurrentUpdate,
     HistoryRecord,
+    InventoryItem,
     Ledger,
     SecretState,
     as_dict,
@@ -317,6 +319,16 @@ class RotationEngine:
             lambda: client.update_secret_properties(name, version, tags=tags),
             what="write rotation tags",
         )
+        # Listed from now on, not only after the next sweep.
+        self._record_inventory_item(
+            InventoryItem(
+                vault_url,
+                name,
+                config.rotator,
+                bool(current.properties.enabled),
+                current.properties.expires_on,
+            )
+        )
         state = self.ledger.get(vault_url, name) or SecretState(vault_url=vault_url, name=name)
         state.current_version, state.current_slot = version, config.current_slot
         state.expires_on = current.properties.expires_on
@@ -359,23 +371,37 @@ class RotationEngine:
             "history": [as_dict(record) for record in self.ledger.history(vault_url, name, history_limit)],
         }
 
-    def managed_secrets(self) -> list[dict[str, Any]]:
-        """Every managed secret in the allowed vaults, with state, expiry and last outcome."""
+    def managed_secrets(self, *, refresh: bool = False) -> tuple[list[dict[str, Any]], datetime]:
+        """Every managed secret in the allowed vaults, with state, expiry and last outcome; and
+        when the oldest of the vault listings they come from was made.
+
+        The listings are the inventory the sweep keeps in the ledger: reading it spends none
+        of the vault's Key Vault budget. A vault listed longer ago than `inventory_max_age`
+        (or never), or every vault with `refresh`, is listed now and its inventory updated.
+        """
+        now = self._clock()
         states = {(state.vault_url, state.name): state for state in self.ledger.states()}
         rows: list[dict[str, Any]] = []
+        as_of = now
         for vault_url in sorted(self.settings.allowed_vaults):
-            for props in self._secret_client(vault_url).list_properties_of_secrets():
-                if not is_managed(props.tags):
-                    continue
-                state = states.get((vault_url, props.name or ""))
+            listed_on, items = (None, []) if refresh else self.ledger.inventory(vault_url)
+            # A listing "from the future" is another worker's clock: not trusted either.
+            if listed_on is None or not timedelta(0) <= now - listed_on < self.settings.inventory_max_age:
+                listed_on = now
+                items = self._record_inventory(vault_url, self._list_secrets(vault_url), now)
+            as_of = min(as_of, listed_on)
+            for item in items:
+                state = states.get((vault_url, item.name))
+                rotated_since = state and state.last_rotated_on and state.last_rotated_on > listed_on
                 rows.append(
                     {
-                        "name": props.name,
+                        "name": item.name,
                         "vault": vault_url,
-                        "rotator": (props.tags or {}).get("rotation-rotator", ""),
-                        "enabled": props.enabled,
+                        "rotator": item.rotator,
+                        "enabled": item.enabled,
                         "state": state.state if state else IDLE,
-                        "expires_on": _iso(props.expires_on),
+                        # A rotation since the listing wrote a version that expires later.
+                        "expires_on": _iso(state.expires_on if state and rotated_since else item.expires_on),
                         "retire_after": _iso(state.retire_after) if state else None,
                         "last_outcome": state.last_outcome if state else "",
                         "last_rotated_on": _iso(state.last_rotated_on) if state else None,
@@ -383,7 +409,7 @@ class RotationEngine:
                 )
         far_future = "9999"
         rows.sort(key=lambda row: (row["expires_on"] or far_future, row["vault"], row["name"]))
-        return rows
+        return rows, as_of
 
     def retire_due(self, vault_url: str, name: str) -> Outcome:
         state = self.ledger.get(normalize_vault_url(vault_url), name)
@@ -407,8 +433,9 @@ class RotationEngine:
         states = {(state.vault_url, state.name): state for state in self.ledger.states()}
         listed: dict[tuple[str, str], SecretProperties] = {}
         for vault_url in sorted(self.settings.allowed_vaults):
-            for props in self._secret_client(vault_url).list_properties_of_secrets():
-                listed[(vault_url, props.name or "")] = props
+            properties = self._list_secrets(vault_url)
+            listed.update(((vault_url, props.name or ""), props) for props in properties)
+            self._record_inventory(vault_url, properties, now)
         work: list[tuple[str, Callable[[], Outcome]]] = []
         for key, state in states.items():
             if not self.settings.vault_allowed(state.vault_url) or state.lease_held(now):
@@ -777,6 +804,37 @@ class RotationEngine:
             except Exception as error:
                 return f"consumer probe failed: {describe_error(error)}"
         return None
+
+    def _list_secrets(self, vault_url: str) -> list[SecretProperties]:
+        return list(self._secret_client(vault_url).list_properties_of_secrets())
+
+    def _record_inventory(
+        self, vault_url: str, properties: list[SecretProperties], listed_on: datetime
+    ) -> list[InventoryItem]:
+        """The managed secrets of a listing, kept as the vault's inventory. A failure to write it
+        is logged, not raised: the listing at hand is still good, and the next one writes it."""
+        items = [
+            InventoryItem(
+                vault_url=vault_url,
+                name=props.name or "",
+                rotator=(props.tags or {}).get(TAG_ROTATOR, ""),
+                enabled=bool(props.enabled),
+                expires_on=props.expires_on,
+            )
+            for props in properties
+            if is_managed(props.tags)
+        ]
+        try:
+            self.ledger.replace_inventory(vault_url, items, listed_on)
+        except Exception as error:
+            logger.error("could not record the inventory of %s: %s", vault_url, describe_error(error))
+        return items
+
+    def _record_inventory_item(self, item: InventoryItem) -> None:
+        try:
+            self.ledger.put_inventory_item(item)
+        except Exception as error:
+            logger.error("could not record %s in the inventory: %s", item.name, describe_error(error))
 
     def _get_secret(self, client: SecretClient, name: str, version: str | None = None) -> KeyVaultSecret:
         return call_with_retry(lambda: client.get_secret(name, version), what="read secret")

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -148,17 +149,40 @@ def _from_entity(cls: type[Any], entity: Any) -> Any:
     return record
 
 
+@dataclass
+class InventoryItem:
+    """A managed secret as the vault listed it: what GET /rotations shows besides the state."""
+
+    vault_url: str
+    name: str
+    rotator: str = ""
+    enabled: bool = True
+    expires_on: datetime | None = None
+
+
+# The inventory table's row per vault that says when the vault was last listed.
+_LISTINGS = "listings"
+_BATCH = 100  # operations per Table storage transaction, its maximum
+
+
 class Ledger:
-    def __init__(self, state_table: TableClient, history_table: TableClient) -> None:
+    def __init__(
+        self, state_table: TableClient, history_table: TableClient, inventory_table: TableClient
+    ) -> None:
         self._state = state_table
         self._history = history_table
+        self._inventory = inventory_table
 
     @classmethod
     def from_service(cls, service: TableServiceClient, prefix: str = "rotation") -> "Ledger":
-        return cls(service.get_table_client(f"{prefix}state"), service.get_table_client(f"{prefix}history"))
+        return cls(
+            service.get_table_client(f"{prefix}state"),
+            service.get_table_client(f"{prefix}history"),
+            service.get_table_client(f"{prefix}inventory"),
+        )
 
     def ensure_tables(self) -> None:
-        for table in (self._state, self._history):
+        for table in (self._state, self._history, self._inventory):
             with suppress(ResourceExistsError):
                 call_with_retry(table.create_table, what="create ledger table")
 
@@ -219,6 +243,63 @@ class Ledger:
             if len(records) >= limit:
                 break
         return records
+
+    def inventory(self, vault_url: str) -> tuple[datetime | None, list[InventoryItem]]:
+        """When the vault was last listed (None: never), and the managed secrets it then held."""
+        partition = vault_key(vault_url)
+        try:
+            marker = call_with_retry(
+                lambda: self._inventory.get_entity(_LISTINGS, partition), what="read inventory"
+            )
+        except ResourceNotFoundError:
+            return None, []
+        listed_on: datetime = _from_entity(_Listing, marker).listed_on
+        query = self._inventory.query_entities("PartitionKey eq @pk", parameters={"pk": partition})
+        return listed_on, [_inventory_item(vault_url, entity) for entity in query]
+
+    def replace_inventory(self, vault_url: str, items: list[InventoryItem], listed_on: datetime) -> None:
+        """Make the vault's inventory `items`, writing only the rows that changed."""
+        partition = vault_key(vault_url)
+        query = self._inventory.query_entities("PartitionKey eq @pk", parameters={"pk": partition})
+        stored = {entity["RowKey"]: entity for entity in query}
+        replace = {"mode": UpdateMode.REPLACE}
+        operations: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+        for item in items:
+            before = stored.pop(item.name, None)
+            if before is None or _inventory_item(vault_url, before) != item:
+                operations.append(("upsert", _inventory_entity(item), replace))
+        operations += [("delete", {"PartitionKey": partition, "RowKey": row}, {}) for row in stored]
+        for start in range(0, len(operations), _BATCH):
+            batch = partial(self._inventory.submit_transaction, operations[start : start + _BATCH])
+            call_with_retry(batch, what="write inventory")
+        marker = _to_entity(_Listing(listed_on), _LISTINGS, partition)
+        call_with_retry(
+            lambda: self._inventory.upsert_entity(marker, mode=UpdateMode.REPLACE), what="write inventory"
+        )
+
+    def put_inventory_item(self, item: InventoryItem) -> None:
+        entity = _inventory_entity(item)
+        call_with_retry(
+            lambda: self._inventory.upsert_entity(entity, mode=UpdateMode.REPLACE), what="write inventory"
+        )
+
+
+@dataclass
+class _Listing:
+    listed_on: datetime
+
+
+def _inventory_entity(item: InventoryItem) -> dict[str, Any]:
+    entity = _to_entity(item, vault_key(item.vault_url), item.name)
+    del entity["vault_url"], entity["name"]  # the keys say both
+    return entity
+
+
+def _inventory_item(vault_url: str, entity: Any) -> InventoryItem:
+    item: InventoryItem = _from_entity(
+        InventoryItem, {**entity, "vault_url": vault_url, "name": entity["RowKey"]}
+    )
+    return item
 
 
 def as_dict(record: SecretState | HistoryRecord) -> dict[str, Any]:

@@ -75,6 +75,9 @@ class Settings:
     # 4,000 other transactions per 10 s per vault; applications reading secrets share
     # the 4,000, so the default leaves them half).
     sweep_concurrency: int = 8
+    # GET /rotations serves the managed secrets the last sweep listed, if it is this recent;
+    # older (or never listed), it lists the vault itself (0: always).
+    inventory_max_age: timedelta = timedelta(minutes=10)
     keyvault_creates_limit: int = 300
     keyvault_transactions_limit: int = 2000
     keyvault_limit_window: timedelta = timedelta(seconds=10)
@@ -120,6 +123,7 @@ class Settings:
             max_attempts=_int(env, "ROTATION_MAX_ATTEMPTS", cls.max_attempts),
             admin_secret_cache=duration("ROTATION_ADMIN_SECRET_CACHE", cls.admin_secret_cache),
             sweep_concurrency=_int(env, "ROTATION_SWEEP_CONCURRENCY", cls.sweep_concurrency),
+            inventory_max_age=duration("ROTATION_INVENTORY_MAX_AGE", cls.inventory_max_age),
             keyvault_creates_limit=_int(env, "KEYVAULT_SECRET_CREATES_LIMIT", cls.keyvault_creates_limit),
             keyvault_transactions_limit=_int(
                 env, "KEYVAULT_TRANSACTIONS_LIMIT", cls.keyvault_transactions_limit

@@ -12,7 +12,9 @@ from azure.keyvault.secrets import SecretClient
 from psycopg import sql
 
 from devstack.stack import ADMIN_SECRET, APP_DATABASE, LocalStack, provision_postgres_secret
+from shared.engine import RotationEngine
 from tests.conftest import can_login, soon
+from tests.crashes import TestClock
 from tests.hosting import call_http
 
 pytestmark = pytest.mark.usefixtures("app_settings")
@@ -294,6 +296,53 @@ def test_list_filters_and_pages(stack: LocalStack, unique: str) -> None:
         assert listing(**bad).status_code == 400
 
 
+def listed_names(**params: str) -> set[str]:
+    """Every name GET /rotations lists, page after page."""
+    body = body_of(listing(page_size="200", **params))
+    names = {row["name"] for row in body["value"]}
+    while "continuation" in body:
+        body = body_of(listing(page_size="200", continuation=body["continuation"]))
+        names |= {row["name"] for row in body["value"]}
+    return names
+
+
+def test_the_list_serves_the_sweeps_inventory_without_listing_the_vault(
+    stack: LocalStack, vault: SecretClient, unique: str, engine_with: object
+) -> None:
+    clock = TestClock()
+    engine: RotationEngine = engine_with(  # type: ignore[operator]
+        {"ROTATION_INVENTORY_MAX_AGE": "PT10M"}, clock=clock.now, probe=lambda url, deadline: None
+    )
+    first, second = f"{unique}-a", f"{unique}-b"
+    provision_postgres_secret(stack, first, prefix=f"{unique}_a", expires_on=soon(300))
+    engine.sweep()  # lists the vault and records its managed secrets
+
+    stack.vault.reset_counts()
+    assert first in listed_names()
+    assert stack.vault.request_counts[("GET", "/secrets")] == 0  # no Key Vault budget spent
+    assert datetime.fromisoformat(body_of(listing())["as_of"]) <= clock.now()
+
+    # A secret put under rotation since the sweep shows with refresh=true, and from then on
+    provision_postgres_secret(stack, second, prefix=f"{unique}_b", expires_on=soon(300))
+    assert second not in listed_names()
+    assert second in listed_names(refresh="true")
+    assert stack.vault.request_counts[("GET", "/secrets")] > 0
+    assert second in listed_names()
+
+    # A secret no longer under rotation leaves the inventory at the next sweep
+    version = vault.get_secret(first).properties.version or ""
+    vault.update_secret_properties(first, version, tags={})
+    engine.sweep()
+    assert first not in listed_names()
+
+    # An inventory older than ROTATION_INVENTORY_MAX_AGE is not served: the vault is listed again
+    third = f"{unique}-c"
+    provision_postgres_secret(stack, third, prefix=f"{unique}_c", expires_on=soon(300))
+    clock.advance(timedelta(minutes=11))
+    assert third in listed_names()
+    assert listing(refresh="maybe").status_code == 400
+
+
 @pytest.fixture
 def legacy_role(stack: LocalStack, unique: str) -> Iterator[tuple[str, str]]:
     """An app already using a login role in a group, with an untagged secret."""
@@ -318,9 +367,11 @@ def legacy_role(stack: LocalStack, unique: str) -> Iterator[tuple[str, str]]:
 
 
 def test_adopt_tags_the_secret_and_creates_the_second_role(
-    stack: LocalStack, vault: SecretClient, unique: str, legacy_role: tuple[str, str]
+    stack: LocalStack, vault: SecretClient, unique: str, legacy_role: tuple[str, str], engine_with: object
 ) -> None:
     group, role = legacy_role
+    engine_with({"ROTATION_INVENTORY_MAX_AGE": "PT10M"})  # type: ignore[operator]
+    assert unique not in listed_names(refresh="true")  # untagged: not managed
     fields = {
         "rotator": "postgres",
         "target": f"{stack.postgres.host}:{stack.postgres.port}/{APP_DATABASE}",
@@ -340,6 +391,7 @@ def test_adopt_tags_the_secret_and_creates_the_second_role(
     with stack.postgres.admin_connect() as conn:
         row = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (f"{unique}_green",)).fetchone()
     assert row is not None
+    assert unique in listed_names()  # in the inventory at once, not after the next sweep
     assert adopt(unique, fields).status_code == 409
     assert rotate(unique).status_code == 200  # and now it rotates
 

@@ -57,6 +57,7 @@ var roles = {
 var ledgerTables = [
   'rotationstate'
   'rotationhistory'
+  'rotationinventory'
 ]
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-01-01' = {
