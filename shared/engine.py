@@ -832,7 +832,7 @@ class RotationEngine:
 
     def _record_inventory_item(self, item: InventoryItem) -> None:
         try:
-            self.ledger.put_inventory_item(item)
+            self.ledger.add_to_inventory(item)
         except Exception as error:
             logger.error("could not record %s in the inventory: %s", item.name, describe_error(error))
 

@@ -160,9 +160,13 @@ class InventoryItem:
     expires_on: datetime | None = None
 
 
-# The inventory table's row per vault that says when the vault was last listed.
-_LISTINGS = "listings"
-_BATCH = 100  # operations per Table storage transaction, its maximum
+# The inventory packs a vault's managed secrets, as JSON, into parts of at most _PART_CHARS
+# (a Table storage string property holds 32K characters), plus one row saying when the
+# vault was listed and into how many parts: 10,000 secrets are about 70 rows, written in one
+# transaction (at most 100 operations and 4 MiB) and read in one query.
+_LISTING = "listing"
+_PART_CHARS = 30_000
+_BATCH = 100
 
 
 class Ledger:
@@ -247,59 +251,75 @@ class Ledger:
     def inventory(self, vault_url: str) -> tuple[datetime | None, list[InventoryItem]]:
         """When the vault was last listed (None: never), and the managed secrets it then held."""
         partition = vault_key(vault_url)
-        try:
-            marker = call_with_retry(
-                lambda: self._inventory.get_entity(_LISTINGS, partition), what="read inventory"
-            )
-        except ResourceNotFoundError:
-            return None, []
-        listed_on: datetime = _from_entity(_Listing, marker).listed_on
         query = self._inventory.query_entities("PartitionKey eq @pk", parameters={"pk": partition})
-        return listed_on, [_inventory_item(vault_url, entity) for entity in query]
+        rows = {entity["RowKey"]: entity for entity in query}
+        listing = rows.get(_LISTING)
+        if listing is None:
+            return None, []
+        listed_on = _from_entity(_Listing, listing).listed_on
+        items = []
+        for index in range(int(listing.get("parts", 0))):
+            part = rows.get(_part(index))
+            for name, rotator, enabled, expires in json.loads(part["secrets"] if part else "[]"):
+                expires_on = None if expires is None else datetime.fromtimestamp(expires, tz=UTC)
+                items.append(InventoryItem(vault_url, name, rotator, enabled, expires_on))
+        return listed_on, items
 
     def replace_inventory(self, vault_url: str, items: list[InventoryItem], listed_on: datetime) -> None:
-        """Make the vault's inventory `items`, writing only the rows that changed."""
+        """Make `items` the vault's inventory as listed at `listed_on`. If they are what it holds
+        already, only the listing time is written."""
         partition = vault_key(vault_url)
-        query = self._inventory.query_entities("PartitionKey eq @pk", parameters={"pk": partition})
-        stored = {entity["RowKey"]: entity for entity in query}
+        stored_on, stored = self.inventory(vault_url)
+        parts = _pack(items)
+        listing = _to_entity(_Listing(listed_on, len(parts)), partition, _LISTING)
         replace = {"mode": UpdateMode.REPLACE}
         operations: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-        for item in items:
-            before = stored.pop(item.name, None)
-            if before is None or _inventory_item(vault_url, before) != item:
-                operations.append(("upsert", _inventory_entity(item), replace))
-        operations += [("delete", {"PartitionKey": partition, "RowKey": row}, {}) for row in stored]
+        old_parts = _pack(stored) if stored_on else []
+        if parts != old_parts:
+            for index, part in enumerate(parts):
+                row = {"PartitionKey": partition, "RowKey": _part(index), "secrets": part}
+                operations.append(("upsert", row, replace))
+            for index in range(len(parts), len(old_parts)):
+                operations.append(("delete", {"PartitionKey": partition, "RowKey": _part(index)}, {}))
+        operations.append(("upsert", listing, replace))  # last: a reader sees the parts it names
         for start in range(0, len(operations), _BATCH):
             batch = partial(self._inventory.submit_transaction, operations[start : start + _BATCH])
             call_with_retry(batch, what="write inventory")
-        marker = _to_entity(_Listing(listed_on), _LISTINGS, partition)
-        call_with_retry(
-            lambda: self._inventory.upsert_entity(marker, mode=UpdateMode.REPLACE), what="write inventory"
-        )
 
-    def put_inventory_item(self, item: InventoryItem) -> None:
-        entity = _inventory_entity(item)
-        call_with_retry(
-            lambda: self._inventory.upsert_entity(entity, mode=UpdateMode.REPLACE), what="write inventory"
-        )
+    def add_to_inventory(self, item: InventoryItem) -> None:
+        """One secret just put under rotation, listed from now on (the vault's listing time stays)."""
+        listed_on, items = self.inventory(item.vault_url)
+        if listed_on is not None:
+            others = [known for known in items if known.name != item.name]
+            self.replace_inventory(item.vault_url, [*others, item], listed_on)
 
 
 @dataclass
 class _Listing:
     listed_on: datetime
+    parts: int = 0
 
 
-def _inventory_entity(item: InventoryItem) -> dict[str, Any]:
-    entity = _to_entity(item, vault_key(item.vault_url), item.name)
-    del entity["vault_url"], entity["name"]  # the keys say both
-    return entity
+def _part(index: int) -> str:
+    return f"part-{index:05d}"
 
 
-def _inventory_item(vault_url: str, entity: Any) -> InventoryItem:
-    item: InventoryItem = _from_entity(
-        InventoryItem, {**entity, "vault_url": vault_url, "name": entity["RowKey"]}
-    )
-    return item
+def _pack(items: list[InventoryItem]) -> list[str]:
+    """JSON arrays of [name, rotator, enabled, expiry as epoch seconds], each under _PART_CHARS."""
+    parts: list[str] = []
+    entries: list[str] = []
+    size = 2
+    for item in sorted(items, key=lambda item: item.name):
+        expires = None if item.expires_on is None else int(item.expires_on.timestamp())
+        entry = json.dumps([item.name, item.rotator, item.enabled, expires])
+        if entries and size + len(entry) + 1 > _PART_CHARS:
+            parts.append(f"[{','.join(entries)}]")
+            entries, size = [], 2
+        entries.append(entry)
+        size += len(entry) + 1
+    if entries:
+        parts.append(f"[{','.join(entries)}]")
+    return parts
 
 
 def as_dict(record: SecretState | HistoryRecord) -> dict[str, Any]:

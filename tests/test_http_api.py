@@ -13,6 +13,7 @@ from psycopg import sql
 
 from devstack.stack import ADMIN_SECRET, APP_DATABASE, LocalStack, provision_postgres_secret
 from shared.engine import RotationEngine
+from shared.ledger import InventoryItem
 from tests.conftest import can_login, soon
 from tests.crashes import TestClock
 from tests.hosting import call_http
@@ -341,6 +342,23 @@ def test_the_list_serves_the_sweeps_inventory_without_listing_the_vault(
     clock.advance(timedelta(minutes=11))
     assert third in listed_names()
     assert listing(refresh="maybe").status_code == 400
+
+
+def test_the_inventory_holds_a_large_vault_in_parts_and_shrinks_with_it(
+    unique: str, engine_with: object
+) -> None:
+    engine: RotationEngine = engine_with()  # type: ignore[operator]
+    vault_url = f"https://{unique}.vault.azure.net"
+    listed_on = datetime.now(UTC).replace(microsecond=0)
+    expiry = listed_on + timedelta(days=30)
+    many = [
+        InventoryItem(vault_url, f"{'x' * 100}-{i:05d}", "postgres", i % 2 == 0, expiry) for i in range(2000)
+    ]
+    engine.ledger.replace_inventory(vault_url, many, listed_on)  # about 250 KB of names: several parts
+    assert engine.ledger.inventory(vault_url) == (listed_on, many)
+    few = [InventoryItem(vault_url, "app-db", "postgres", True, None)]
+    engine.ledger.replace_inventory(vault_url, few, listed_on + timedelta(minutes=5))
+    assert engine.ledger.inventory(vault_url) == (listed_on + timedelta(minutes=5), few)
 
 
 @pytest.fixture
