@@ -1,7 +1,7 @@
 """The chaos run: many managed secrets, crashes, duplicate triggers, throttling, a database restart.
 
     python -m devstack.chaos [--small] [--secrets N] [--rounds N] [--seed N] [--max-seconds S]
-                             [--kinds postgres,api-key] [--stalls]
+                             [--kinds postgres,api-key,storage-key] [--stalls]
 
 Everything runs on 127.0.0.1 against a fresh local stack (Key Vault emulator,
 Azurite, PostgreSQL) and stops by itself. Triggers go through the functions
@@ -53,8 +53,9 @@ line printed is the figures line; the exit status is 1 if consumer_failures,
 lost or leaked is not 0 or a check failed (the reasons are printed before).
 
 Kinds of credential are pluggable (`Kind`: provision, authenticate, slot_of,
-live_slots, plus the app settings it needs): PostgreSQL always, and the vendor
-API key (`rotators.api_key` against `devstack.vendor_api`) when both import;
+live_slots, plus the app settings it needs): PostgreSQL always, the vendor API
+key (`rotators.api_key` against `devstack.vendor_api`) and the storage account
+key (`rotators.storage_key` against the ARM stand-in) when they import;
 `--kinds` picks. Adding a kind is one class and one entry in KIND_FACTORIES.
 
 `--stalls` (not in CI) also pauses workers at random checkpoints and staggers
@@ -94,7 +95,7 @@ from azure.keyvault.secrets import SecretClient
 
 from devstack.keyvault.server import Fault
 from devstack.postgres import session_user
-from devstack.stack import LocalStack, provision_postgres_secret
+from devstack.stack import LocalStack, provision_postgres_secret, provision_storage_key_secret
 from shared import service
 from shared.engine import CHECKPOINTS, RotationEngine
 from shared.ledger import FAILED, IDLE, OVERLAP, ROTATING
@@ -378,22 +379,78 @@ class ApiKeyKind:
         return live
 
 
+class StorageKeyKind:
+    """A storage account on the ARM stand-in per secret; key1 and key2 are the slots."""
+
+    name = "storage-key"
+
+    def __init__(self, stack: LocalStack, run_id: str) -> None:
+        self._stack = stack
+        self._prefix = f"st{run_id}"  # run ids are lower-case letters and digits
+        self._accounts: dict[str, str] = {}
+
+    def extra_env(self, env: dict[str, str]) -> dict[str, str]:
+        allowed = f"{env['ROTATION_ALLOWED_TARGETS']},{self._prefix}*.blob.core.windows.net:443"
+        return {"ROTATION_ALLOWED_TARGETS": allowed}
+
+    def close(self) -> None:
+        return
+
+    def provision(self, secret: str, index: int, expires_on: datetime) -> None:
+        account = self._accounts[secret] = f"{self._prefix}{index:02d}"
+        provision_storage_key_secret(
+            self._stack,
+            secret,
+            account,
+            expires_on=expires_on,
+            overlap=OVERLAP_TAG,
+            validity=VALIDITY,
+            extra_tags={"rotation-probes": f"https://{account}.blob.core.windows.net/health/{secret}"},
+        )
+
+    def _slot_holding(self, value: str) -> str | None:
+        """The key of any of this run's accounts whose current value is `value`."""
+        for account in self._accounts.values():
+            for key_name, key in self._stack.storage.keys(account).items():
+                if key == value:
+                    return key_name
+        return None
+
+    def authenticate(self, value: str) -> Auth:
+        # The blob stand-in accepts a SharedKey signature made with a current key, and only that.
+        return Auth.OK if self._slot_holding(value) else Auth.DENIED
+
+    def slot_of(self, value: str) -> str:
+        return self._slot_holding(value) or "a regenerated key"
+
+    def live_slots(self, secret: str, values_ever: set[str]) -> set[str]:
+        keys = self._stack.storage.keys(self._accounts[secret])
+        return {key_name for key_name, key in keys.items() if key in values_ever}
+
+
 def available_kinds() -> list[str]:
     """PostgreSQL always; the other kinds when their rotator and stand-in import."""
     kinds = ["postgres"]
     try:
         import devstack.vendor_api  # noqa: F401, PLC0415
-        import rotators.api_key  # noqa: F401, PLC0415
+        import rotators.api_key  # noqa: PLC0415
     except ImportError:
         pass
     else:
         kinds.append("api-key")
+    try:
+        import rotators.storage_key  # noqa: F401, PLC0415
+    except ImportError:
+        pass
+    else:
+        kinds.append("storage-key")
     return kinds
 
 
 KIND_FACTORIES: dict[str, Callable[[LocalStack, str], Kind]] = {
     "postgres": PostgresKind,
     "api-key": ApiKeyKind,
+    "storage-key": StorageKeyKind,
 }
 
 

@@ -212,7 +212,14 @@ def provision_api_key_secret(
 
 
 def provision_storage_key_secret(
-    stack: LocalStack, name: str, account: str, *, expires_on: datetime, overlap: str = "PT10S"
+    stack: LocalStack,
+    name: str,
+    account: str,
+    *,
+    expires_on: datetime,
+    overlap: str = "PT10S",
+    validity: timedelta = timedelta(days=90),
+    extra_tags: dict[str, str] | None = None,
 ) -> str:
     """A storage account on the ARM stand-in whose key1 is in a secret under rotation.
     The account must be allowed: `ROTATION_ALLOWED_TARGETS` needs `<account>.blob.core.windows.net`."""
@@ -221,7 +228,9 @@ def provision_storage_key_secret(
         "rotation-rotator": "storage-key",
         "rotation-target": resource_id,
         "rotation-current-slot": "key1",
+        "rotation-validity": f"P{validity.days}D",
         "rotation-overlap": overlap,
+        **(extra_tags or {}),
     }
     stack.secret_client().set_secret(
         name, stack.storage.keys(account)["key1"], tags=tags, expires_on=expires_on, content_type="text/plain"
