@@ -87,16 +87,12 @@ class OffsetClock:
 @contextmanager
 def engine_for(env: dict[str, str], **options: Any) -> Iterator["RotationEngine"]:
     """An engine built exactly as the function app builds it, from these app settings."""
-    from shared import service  # noqa: PLC0415 - after the cold-start measurement
+    from devstack.stack import app_environment  # noqa: PLC0415 - after the cold-start measurement
+    from shared import service  # noqa: PLC0415
     from shared.settings import Settings  # noqa: PLC0415
 
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
+    with app_environment(env):
         yield service.build_engine(Settings.from_env(), **options)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 # ----------------------------------------------------------------------------- 1 and 2

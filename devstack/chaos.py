@@ -67,7 +67,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import re
 import sys
@@ -75,9 +74,8 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -95,7 +93,12 @@ from azure.keyvault.secrets import SecretClient
 
 from devstack.keyvault.server import Fault
 from devstack.postgres import session_user
-from devstack.stack import LocalStack, provision_postgres_secret, provision_storage_key_secret
+from devstack.stack import (
+    LocalStack,
+    app_environment,
+    provision_postgres_secret,
+    provision_storage_key_secret,
+)
 from shared import service
 from shared.engine import CHECKPOINTS, RotationEngine
 from shared.ledger import FAILED, IDLE, OVERLAP, ROTATING
@@ -887,20 +890,6 @@ def checked_by_kind(chaos: ChaosRun) -> dict[str, int]:
     return dict(counts)
 
 
-@contextmanager
-def _app_settings(settings: dict[str, str]) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def run(
     options: Options,
     stack: LocalStack | None = None,
@@ -923,7 +912,7 @@ def run(
         if own_stack:
             local.start()
         chaos = ChaosRun(local, options)
-        with _app_settings(chaos.app_settings()):
+        with app_environment(chaos.app_settings()):
             print(
                 f"chaos: seed={chaos.seed} secrets={options.secrets} rounds={options.rounds} "
                 f"kinds={','.join(options.kinds)} stack up in {time.monotonic() - began:.1f} s",

@@ -9,9 +9,11 @@ tagged for rotation.
 """
 
 import json
+import os
 import secrets
 import tempfile
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -112,6 +114,22 @@ class ManagedPostgresSecret:
     group: str
     slots: tuple[str, str]
     first_version: KeyVaultSecret
+
+
+@contextmanager
+def app_environment(settings: dict[str, str]) -> Iterator[None]:
+    """These app settings in the environment (where the function app reads them) meanwhile;
+    each one's previous value, or absence, afterwards."""
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def provision_postgres_secret(

@@ -17,7 +17,7 @@ import pytest
 from azure.keyvault.secrets import SecretClient
 
 from devstack.postgres import session_user
-from devstack.stack import LocalStack
+from devstack.stack import LocalStack, app_environment
 from shared import service
 from shared.engine import RotationEngine
 from shared.settings import Settings
@@ -61,16 +61,10 @@ def app_settings(stack: LocalStack) -> Iterator[dict[str, str]]:
     """Point the Function App's settings (environment) at the local stack. Tests list what they
     have just provisioned: the list reads the vault every time unless a test asks otherwise."""
     settings = {**stack.app_settings(), "ROTATION_INVENTORY_MAX_AGE": "PT0S"}
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
-    service.use_engine(None)
-    yield settings
-    service.use_engine(None)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with app_environment(settings):
+        service.use_engine(None)
+        yield settings
+        service.use_engine(None)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import pytest
 from azure.keyvault.secrets import SecretClient
 
 from devstack.ports import free_port
-from devstack.stack import LocalStack, provision_api_key_secret
+from devstack.stack import LocalStack, app_environment, provision_api_key_secret
 from devstack.vendor_api import VendorApi
 from rotators.api_key import parse_contract
 from shared import service
@@ -59,21 +59,15 @@ def vendors(stack: LocalStack, app_settings: dict[str, str]) -> Iterator[Vendors
                 f"{os.environ['ROTATION_ALLOWED_TARGETS']},127.0.0.1:{default.port},127.0.0.1:{alt.port}"
             ),
         }
-        saved = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)
-        service.use_engine(None)
         made = Vendors(default, alt, [])
-        try:
-            yield made
-            _clean_up(stack, made.secrets)
-        finally:
+        with app_environment(env):
             service.use_engine(None)
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-            service.use_engine(None)
+            try:
+                yield made
+                _clean_up(stack, made.secrets)
+            finally:
+                service.use_engine(None)
+        service.use_engine(None)
 
 
 def _clean_up(stack: LocalStack, names: list[str]) -> None:

@@ -21,7 +21,7 @@ from azure.storage.blob import BlobServiceClient
 
 from devstack.arm_storage import RESOURCE_GROUP, SUBSCRIPTION_ID, ArmStorageStandIn
 from devstack.ports import free_port
-from devstack.stack import LocalStack
+from devstack.stack import LocalStack, app_environment
 from shared import service
 from shared.engine import RotationEngine
 from shared.ledger import IDLE, OVERLAP
@@ -44,18 +44,10 @@ def storage(stack: LocalStack, app_settings: dict[str, str]) -> Iterator[ArmStor
             "ROTATION_UPSTREAM_CA_BUNDLE": str(stack.vault.ca_path),
             "ROTATION_ALLOWED_TARGETS": f"{os.environ.get('ROTATION_ALLOWED_TARGETS', '')},{ALLOWED}",
         }
-        saved = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)
-        service.use_engine(None)
-        try:
-            yield arm
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        with app_environment(env):
             service.use_engine(None)
+            yield arm
+        service.use_engine(None)
 
 
 @pytest.fixture
