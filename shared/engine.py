@@ -388,7 +388,8 @@ class RotationEngine:
             # A listing "from the future" is another worker's clock: not trusted either.
             if listed_on is None or not timedelta(0) <= now - listed_on < self.settings.inventory_max_age:
                 listed_on = now
-                items = self._record_inventory(vault_url, self._list_secrets(vault_url), now)
+                listing = self._list_secrets(vault_url)
+                items = self._record_inventory(vault_url, listing, now, stored=None if refresh else items)
             as_of = min(as_of, listed_on)
             for item in items:
                 state = states.get((vault_url, item.name))
@@ -809,10 +810,16 @@ class RotationEngine:
         return list(self._secret_client(vault_url).list_properties_of_secrets())
 
     def _record_inventory(
-        self, vault_url: str, properties: list[SecretProperties], listed_on: datetime
+        self,
+        vault_url: str,
+        properties: list[SecretProperties],
+        listed_on: datetime,
+        *,
+        stored: list[InventoryItem] | None = None,
     ) -> list[InventoryItem]:
-        """The managed secrets of a listing, kept as the vault's inventory. A failure to write it
-        is logged, not raised: the listing at hand is still good, and the next one writes it."""
+        """The managed secrets of a listing, kept as the vault's inventory (`stored`: as just read).
+        A failure to write it is logged, not raised: the listing at hand is still good, and the
+        next one writes it."""
         items = [
             InventoryItem(
                 vault_url=vault_url,
@@ -825,7 +832,7 @@ class RotationEngine:
             if is_managed(props.tags)
         ]
         try:
-            self.ledger.replace_inventory(vault_url, items, listed_on)
+            self.ledger.replace_inventory(vault_url, items, listed_on, stored=stored)
         except Exception as error:
             logger.error("could not record the inventory of %s: %s", vault_url, describe_error(error))
         return items

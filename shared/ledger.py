@@ -265,16 +265,25 @@ class Ledger:
                 items.append(InventoryItem(vault_url, name, rotator, enabled, expires_on))
         return listed_on, items
 
-    def replace_inventory(self, vault_url: str, items: list[InventoryItem], listed_on: datetime) -> None:
+    def replace_inventory(
+        self,
+        vault_url: str,
+        items: list[InventoryItem],
+        listed_on: datetime,
+        *,
+        stored: list[InventoryItem] | None = None,
+    ) -> None:
         """Make `items` the vault's inventory as listed at `listed_on`. If they are what it holds
-        already, only the listing time is written."""
+        already, only the listing time is written. `stored` is the inventory as the caller has
+        just read it, saving a second read."""
         partition = vault_key(vault_url)
-        stored_on, stored = self.inventory(vault_url)
+        if stored is None:
+            stored = self.inventory(vault_url)[1]
         parts = _pack(items)
         listing = _to_entity(_Listing(listed_on, len(parts)), partition, _LISTING)
         replace = {"mode": UpdateMode.REPLACE}
         operations: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-        old_parts = _pack(stored) if stored_on else []
+        old_parts = _pack(stored)
         if parts != old_parts:
             for index, part in enumerate(parts):
                 row = {"PartitionKey": partition, "RowKey": _part(index), "secrets": part}
@@ -291,7 +300,7 @@ class Ledger:
         listed_on, items = self.inventory(item.vault_url)
         if listed_on is not None:
             others = [known for known in items if known.name != item.name]
-            self.replace_inventory(item.vault_url, [*others, item], listed_on)
+            self.replace_inventory(item.vault_url, [*others, item], listed_on, stored=items)
 
 
 @dataclass
