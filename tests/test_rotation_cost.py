@@ -134,6 +134,19 @@ def test_a_rotated_admin_password_costs_one_failed_login_not_an_outage(
     assert stack.vault.request_counts[("GET", "/secrets/{name}")] >= 2
 
 
+def sweep_throttled(
+    stack: LocalStack, engine: RotationEngine, limits: ServiceLimits, names: list[str]
+) -> dict[str, str]:
+    """One timer sweep against a vault enforcing `limits` (counted from zero): how each of `names` ended."""
+    stack.vault.reset_counts()
+    stack.vault.enforce_limits(limits)
+    try:
+        outcomes = engine.sweep()
+    finally:
+        stack.vault.enforce_limits(None)
+    return {outcome.secret: outcome.status for outcome in outcomes if outcome.secret in names}
+
+
 def test_a_fleet_due_at_once_keeps_to_the_vault_budget(
     stack: LocalStack, vault: SecretClient, unique: str, engine_with: object
 ) -> None:
@@ -148,15 +161,9 @@ def test_a_fleet_due_at_once_keeps_to_the_vault_budget(
         },
         probe=lambda url, deadline: None,
     )
-    stack.vault.reset_counts()
-    stack.vault.enforce_limits(ServiceLimits(creates=3, others=400, window=1.0))
-    try:
-        # When the timer sweeps
-        outcomes = engine.sweep()
-    finally:
-        stack.vault.enforce_limits(None)
+    # When the timer sweeps
+    ours = sweep_throttled(stack, engine, ServiceLimits(creates=3, others=400, window=1.0), names)
     # Then every one rotated, paced under the limit: Key Vault never had to throttle
-    ours = {outcome.secret: outcome.status for outcome in outcomes if outcome.secret in names}
     assert ours == dict.fromkeys(names, "rotated")
     assert stack.vault.transactions()["throttled"] == 0
     for name in names:
@@ -171,12 +178,6 @@ def test_without_pacing_the_retries_still_rotate_every_secret(
     engine: RotationEngine = engine_with(  # type: ignore[operator]
         {"ROTATION_SWEEP_CONCURRENCY": "4"}, probe=lambda url, deadline: None
     )
-    stack.vault.reset_counts()
-    stack.vault.enforce_limits(ServiceLimits(creates=1, others=400, window=0.5))
-    try:
-        outcomes = engine.sweep()
-    finally:
-        stack.vault.enforce_limits(None)
-    ours = {outcome.secret: outcome.status for outcome in outcomes if outcome.secret in names}
+    ours = sweep_throttled(stack, engine, ServiceLimits(creates=1, others=400, window=0.5), names)
     assert ours == dict.fromkeys(names, "rotated")
     assert stack.vault.transactions()["throttled"] > 0
