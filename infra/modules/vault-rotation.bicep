@@ -38,7 +38,7 @@ param actionGroupId string
 // Officer, never Administrator: the app manages secrets and keys, never the vault's role assignments.
 var roles = {
   keyVaultSecretsOfficer: 'b86a8fe4-44ce-4948-aee5-eccb2c155cd7'
-  keyVaultCryptoOfficer: '14b46e9e-c2b7-41e0-b7c9-3e7e2f6b3b6f'
+  keyVaultCryptoOfficer: '14b46e9e-c2b7-41b4-b07b-48a6ebf60603'
 }
 
 var topicName = 'egst-${vaultName}'
