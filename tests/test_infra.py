@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pycep import BicepParser
 
 import function_app
 from devstack.runner import index
@@ -52,7 +53,6 @@ EXPECTED_BUILTIN_PASSES = {
         "CKV_AZURE_70",  # function app HTTPS only
         "CKV_AZURE_71",  # managed identity
         "CKV_AZURE_72",  # no remote debugging
-        "CKV_AZURE_78",  # FTP disabled
         "CKV_AZURE_145",  # function app TLS 1.2
     },
     "Microsoft.Network/virtualNetworks": {
@@ -83,6 +83,7 @@ EXPECTED_SKIPS = {
     ("CKV_AZURE_212", "Microsoft.Web/sites"),
     ("CKV_AZURE_213", "Microsoft.Web/sites"),
     ("CKV_AZURE_222", "Microsoft.Web/sites"),
+    ("CKV_AZURE_78", "Microsoft.Web/sites"),
     ("CKV_AZURE_225", "Microsoft.Web/serverfarms"),
     ("CKV_AZURE_35", "Microsoft.Storage/storageAccounts"),
     ("CKV_AZURE_59", "Microsoft.Storage/storageAccounts"),
@@ -289,10 +290,25 @@ def test_function_app_settings_match_the_app() -> None:
         "'ClientId=${identityClientId};Authorization=AAD'",
         "httpsOnly: true",
         "minTlsVersion: '1.2'",
-        "ftpsState: 'Disabled'",
     ):
         assert text in app
+    # Flex Consumption rejects siteConfig.ftpsState; FTP is off through the policy resource instead.
+    assert "ftpsState:" not in app
     assert "DisableLocalAuth: true" in (MODULES / "monitoring.bicep").read_text()
+
+
+def test_ftp_is_off_through_the_publishing_policy() -> None:
+    """CKV_AZURE_78 (ftpsState) is skipped on Flex: the ftp policy of the site itself must say no."""
+    parsed = BicepParser().parse(file_path=MODULES / "functionapp.bicep")
+    policies = {
+        resource["config"]["name"]: resource["config"]
+        for resource in parsed["resources"].values()
+        if resource["type"] == "Microsoft.Web/sites/basicPublishingCredentialsPolicies"
+    }
+    assert set(policies) == {"ftp", "scm"}
+    for policy in policies.values():
+        assert policy["parent"] == "functionApp"
+        assert policy["properties"]["allow"] is False
 
 
 def test_parameters_file_and_azure_yaml() -> None:

@@ -92,6 +92,7 @@ resource functionApp 'Microsoft.Web/sites@2023-12-01' = {
   //checkov:skip=CKV_AZURE_212:Flex Consumption scales per execution; there is no minimum instance count to set (always-ready instances cost money and are not needed for a rotation service).
   //checkov:skip=CKV_AZURE_213:The app has no health endpoint and Flex Consumption has no health-check instance rotation; failures surface through the failed-rotation alert.
   //checkov:skip=CKV_AZURE_17:Client certificates would break Event Grid's webhook delivery and the function-key HTTP API; callers authenticate with function keys.
+  //checkov:skip=CKV_AZURE_78:Flex Consumption does not support siteConfig.ftpsState; FTP is off through the ftp basicPublishingCredentialsPolicies below (allow: false, checked by CKV_ROT_8 and tests/test_infra.py).
   //checkov:skip=CKV_AZURE_16:App Service Authentication (Easy Auth) is not used: the HTTP API is protected by function keys (AuthLevel.FUNCTION), and the Event Grid webhook would fail behind Easy Auth.
   name: name
   location: location
@@ -135,7 +136,6 @@ resource functionApp 'Microsoft.Web/sites@2023-12-01' = {
     siteConfig: {
       minTlsVersion: '1.2'
       scmMinTlsVersion: '1.2'
-      ftpsState: 'Disabled'
       http20Enabled: true
       remoteDebuggingEnabled: false
       cors: {
