@@ -74,8 +74,14 @@ param targetStorageAccountIds string = ''
 @description('Email for alerts (failed rotations, dead-lettered events, vault configuration changes).')
 param alertEmail string = ''
 
-@description('Storage replication for the app\'s account.')
-param storageSkuName string = 'Standard_GZRS'
+@description('Replication of the app\'s storage account (ledger, events queue). Standard_LRS works in every region; ZRS and GZRS need availability zones, GRS and GZRS a paired region.')
+@allowed([
+  'Standard_LRS'
+  'Standard_ZRS'
+  'Standard_GRS'
+  'Standard_GZRS'
+])
+param storageSkuName string = 'Standard_LRS'
 
 var abbrs = loadJsonContent('abbreviations.json')
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))

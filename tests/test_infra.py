@@ -40,7 +40,6 @@ EXPECTED_BUILTIN_PASSES = {
         "CKV_AZURE_36",  # trusted Microsoft services bypass (Event Grid delivery)
         "CKV_AZURE_43",  # naming rules
         "CKV_AZURE_44",  # TLS 1.2
-        "CKV_AZURE_206",  # geo replication
     },
     "Microsoft.Storage/storageAccounts/blobServices/containers": {
         "CKV_AZURE_34",  # containers private
@@ -87,6 +86,7 @@ EXPECTED_SKIPS = {
     ("CKV_AZURE_225", "Microsoft.Web/serverfarms"),
     ("CKV_AZURE_35", "Microsoft.Storage/storageAccounts"),
     ("CKV_AZURE_59", "Microsoft.Storage/storageAccounts"),
+    ("CKV_AZURE_206", "Microsoft.Storage/storageAccounts"),
 }
 
 # Built-in role definitions the templates may grant, and where.
@@ -309,6 +309,16 @@ def test_ftp_is_off_through_the_publishing_policy() -> None:
     for policy in policies.values():
         assert policy["parent"] == "functionApp"
         assert policy["properties"]["allow"] is False
+
+
+def test_storage_default_replication_exists_in_every_region() -> None:
+    """ZRS/GZRS need availability zones and GRS a paired region; only LRS is offered everywhere."""
+    main = BicepParser().parse(file_path=INFRA / "main.bicep")
+    storage = BicepParser().parse(file_path=MODULES / "storage.bicep")
+    assert main["parameters"]["storageSkuName"]["default"] == "Standard_LRS"
+    assert storage["parameters"]["skuName"]["default"] == "Standard_LRS"
+    parameters = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    assert parameters["storageSkuName"]["value"] == "${ROTATION_STORAGE_SKU=Standard_LRS}"
 
 
 def test_parameters_file_and_azure_yaml() -> None:

@@ -11,14 +11,14 @@ param tags object = {}
 @description('Storage account name.')
 param name string
 
-@description('Replication.')
+@description('Replication: Standard_LRS works in every region (ZRS/GZRS need availability zones, GRS/GZRS a paired region).')
 @allowed([
   'Standard_LRS'
   'Standard_ZRS'
   'Standard_GRS'
   'Standard_GZRS'
 ])
-param skuName string = 'Standard_GZRS'
+param skuName string = 'Standard_LRS'
 
 @description('Deny public network traffic (trusted Azure services such as Event Grid still deliver with their managed identity); reach the account through private endpoints.')
 param enablePrivateNetworking bool = true
@@ -61,6 +61,7 @@ var ledgerTables = [
 ]
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-01-01' = {
+  //checkov:skip=CKV_AZURE_206:Replication is the storageSkuName parameter (ROTATION_STORAGE_SKU). Its default, Standard_LRS, is the only one every Flex Consumption region offers (ZRS/GZRS need availability zones, GRS a paired region); set Standard_GZRS where the region has both.
   //checkov:skip=CKV_AZURE_59:publicNetworkAccess stays Enabled with the firewall at default Deny: 'Disabled' would also shut out the trusted-service exception Event Grid needs to deliver to the queue and dead-letter container (it cannot use a private endpoint).
   //checkov:skip=CKV_AZURE_35:defaultAction is Deny whenever enablePrivateNetworking is true (the default); checkov cannot evaluate the conditional. Allow is only for the documented opt-out, where the Flex app has no VNet integration and reaches storage publicly (Entra ID only, no shared keys).
   name: name
