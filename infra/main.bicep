@@ -39,7 +39,7 @@ param vaultName string = ''
 @description('Existing vaults to manage: comma-separated resource ids. Their configuration is not redeclared (see infra/README.md): they get roles, diagnostics, events, alerts.')
 param existingVaultIds string = ''
 
-@description('Public network access of the new vault. Disabled: only through its private endpoint.')
+@description('Public network access of the new vault with private networking: Disabled (only through its private endpoint) or Enabled (operators\' IPs through the Deny firewall). Without private networking the vault is public with firewall Allow, and Disabled is refused by the preprovision hook.')
 @allowed([
   'Enabled'
   'Disabled'
@@ -209,6 +209,7 @@ module newVault 'modules/keyvault.bicep' = if (createVault) {
     name: newVaultName
     location: location
     tags: tags
+    enablePrivateNetworking: enablePrivateNetworking
     publicNetworkAccess: vaultPublicNetworkAccess
   }
 }

@@ -30,10 +30,8 @@ MODULES = INFRA / "modules"
 EXPECTED_BUILTIN_PASSES = {
     "Microsoft.KeyVault/vaults": {
         "CKV_AZURE_42",  # recoverable: soft delete + purge protection
-        "CKV_AZURE_109",  # firewall: network ACL default Deny
         "CKV_AZURE_110",  # purge protection
         "CKV_AZURE_111",  # soft delete
-        "CKV_AZURE_189",  # public network access disabled
     },
     "Microsoft.Storage/storageAccounts": {
         "CKV_AZURE_3",  # HTTPS only
@@ -85,6 +83,7 @@ EXPECTED_SKIPS = {
     ("CKV_AZURE_78", "Microsoft.Web/sites"),
     ("CKV_AZURE_225", "Microsoft.Web/serverfarms"),
     ("CKV_AZURE_35", "Microsoft.Storage/storageAccounts"),
+    ("CKV_AZURE_109", "Microsoft.KeyVault/vaults"),
     ("CKV_AZURE_59", "Microsoft.Storage/storageAccounts"),
     ("CKV_AZURE_206", "Microsoft.Storage/storageAccounts"),
 }
@@ -218,11 +217,17 @@ def test_vault_hardening_and_event_subscription() -> None:
         "enableSoftDelete: true",
         "softDeleteRetentionInDays: 90",
         "enablePurgeProtection: true",
-        "defaultAction: 'Deny'",
         "bypass: 'AzureServices'",
         "param publicNetworkAccess string = 'Disabled'",
+        "param enablePrivateNetworking bool = true",
+        # checkov cannot evaluate these (CKV_AZURE_109 skipped, CKV_AZURE_189 not reported): the
+        # vault is closed with private networking and open (not unreachable) without it.
+        "publicNetworkAccess: enablePrivateNetworking ? publicNetworkAccess : 'Enabled'",
+        "defaultAction: enablePrivateNetworking ? 'Deny' : 'Allow'",
     ):
         assert setting in vault
+    main = (INFRA / "main.bicep").read_text()
+    assert "enablePrivateNetworking: enablePrivateNetworking\n    publicNetworkAccess: vaultPublicNetworkAccess" in main
     per_vault = (MODULES / "vault-rotation.bicep").read_text()
     for text in (
         "category: 'AuditEvent'",
