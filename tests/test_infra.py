@@ -249,6 +249,15 @@ def test_vault_hardening_and_event_subscription() -> None:
         "deliveryWithResourceIdentity",
     ):
         assert text in subscription
+    # One subscription per topic whatever the route: a name with the route in it would leave the
+    # old route's subscription in place on a switch, and deliver every event twice.
+    parsed = BicepParser().parse(file_path=MODULES / "event-subscription.bicep")
+    (name,) = [
+        r["config"]["name"]
+        for r in parsed["resources"].values()
+        if r["type"] == "Microsoft.EventGrid/systemTopics/eventSubscriptions"
+    ]
+    assert name == "rotation"
     # The function endpoint and the queue name are the ones function_app.py registers.
     names = {fn.get_function_name() for fn in index(function_app.app)}
     endpoint = re.search(r"'\$\{functionAppId\}/functions/(\w+)'", subscription)

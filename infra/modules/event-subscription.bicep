@@ -58,7 +58,9 @@ resource topic 'Microsoft.EventGrid/systemTopics@2022-06-15' existing = {
 
 resource eventSubscription 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2022-06-15' = {
   parent: topic
-  name: 'rotation-${toLower(eventDelivery)}'
+  // One name for both routes: switching eventDelivery updates this subscription in place instead
+  // of leaving the old route's subscription behind (every event would arrive twice).
+  name: 'rotation'
   properties: {
     eventDeliverySchema: 'EventGridSchema'
     filter: {
