@@ -36,6 +36,10 @@ param createVault bool = true
 @maxLength(24)
 param vaultName string = ''
 
+@description('End of the generated vault name: random per azd environment, kept by the preprovision hook and drawn again when `azd down` left the vault soft-deleted (purge protection keeps a deleted vault\'s name taken for 90 days).')
+@maxLength(6)
+param vaultNameSuffix string = ''
+
 @description('Existing vaults to manage: comma-separated resource ids. Their configuration is not redeclared (see infra/README.md): they get roles, diagnostics, events, alerts.')
 param existingVaultIds string = ''
 
@@ -89,7 +93,8 @@ var tags = {
   'azd-env-name': environmentName
 }
 
-var newVaultName = empty(vaultName) ? '${abbrs.keyVaultVaults}${resourceToken}' : vaultName
+var generatedVaultName = '${abbrs.keyVaultVaults}${resourceToken}${empty(vaultNameSuffix) ? '' : '-${vaultNameSuffix}'}'
+var newVaultName = empty(vaultName) ? generatedVaultName : vaultName
 var existingVaultIdList = empty(existingVaultIds) ? [] : split(replace(existingVaultIds, ' ', ''), ',')
 var targetStorageIdList = empty(targetStorageAccountIds) ? [] : split(replace(targetStorageAccountIds, ' ', ''), ',')
 
@@ -324,6 +329,7 @@ output AZURE_FUNCTION_APP_ID string = functionApp.outputs.id
 output AZURE_FUNCTION_URL string = 'https://${functionApp.outputs.defaultHostName}'
 output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
 output AZURE_CLIENT_ID string = identity.outputs.appIdentityClientId
+output AZURE_KEY_VAULT_NAME string = createVault ? newVaultName : ''
 output ROTATION_ALLOWED_VAULTS string = allowedVaults
 output ROTATION_EVENT_DELIVERY string = eventDelivery
 output ROTATION_EVENT_SUBSCRIPTION_DEPLOYED bool = deployEventSubscription

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -226,8 +227,8 @@ def test_vault_hardening_and_event_subscription() -> None:
         "defaultAction: enablePrivateNetworking ? 'Deny' : 'Allow'",
     ):
         assert setting in vault
-    main = (INFRA / "main.bicep").read_text()
-    assert "enablePrivateNetworking: enablePrivateNetworking\n    publicNetworkAccess: vaultPublicNetworkAccess" in main
+    new_vault = BicepParser().parse(file_path=INFRA / "main.bicep")["modules"]["newVault"]["config"]
+    assert new_vault["config"]["params"]["enablePrivateNetworking"] == "enablePrivateNetworking"
     per_vault = (MODULES / "vault-rotation.bicep").read_text()
     for text in (
         "category: 'AuditEvent'",
@@ -348,14 +349,179 @@ def test_parameters_file_and_azure_yaml() -> None:
 
     project = yaml.safe_load((ROOT / "azure.yaml").read_text())
     assert project["services"] == {"api": {"project": ".", "language": "python", "host": "function"}}
-    for platform in ("posix", "windows"):
-        script = ROOT / project["hooks"]["postdeploy"][platform]["run"]
-        assert script.is_file(), script
-    assert os.access(INFRA / "hooks" / "postdeploy.sh", os.X_OK)
-    syntax = subprocess.run(
-        ["sh", "-n", str(INFRA / "hooks" / "postdeploy.sh")], capture_output=True, check=False
+    assert set(project["hooks"]) == {"preprovision", "postdeploy"}
+    for hook in ("preprovision", "postdeploy"):
+        posix, windows = project["hooks"][hook]["posix"], project["hooks"][hook]["windows"]
+        assert (posix["shell"], posix["run"]) == ("sh", f"./infra/hooks/{hook}.sh")
+        assert (windows["shell"], windows["run"]) == ("pwsh", f"./infra/hooks/{hook}.ps1")
+        assert (ROOT / windows["run"]).is_file()
+        assert os.access(ROOT / posix["run"], os.X_OK)
+        syntax = subprocess.run(["sh", "-n", str(ROOT / posix["run"])], capture_output=True, check=False)
+        assert syntax.returncode == 0, syntax.stderr
+    assert {"vaultName", "vaultNameSuffix"} <= set(parameters)
+    # A deleted vault keeps its name for 90 days (purge protection): the generated name carries the
+    # hook's suffix, and "kv-" + uniqueString (13) + "-" + suffix (at most 6) fits in 24 characters.
+    assert "${resourceToken}${empty(vaultNameSuffix) ? '' : '-${vaultNameSuffix}'}'" in main
+    suffix = BicepParser().parse(file_path=INFRA / "main.bicep")["parameters"]["vaultNameSuffix"]
+    assert {"type": "max_length", "argument": 6} in suffix["decorators"]
+
+
+# The hooks run against fake `az` and `azd` commands (sh scripts first on PATH) that log their
+# arguments; FAKE_* variables choose how az answers.
+FAKE_AZ = """#!/bin/sh
+echo "az $*" >> "$FAKE_LOG"
+case "$*" in
+  "account show"*)
+    [ "$FAKE_AZ_LOGGED_IN" = 1 ] && exit 0
+    echo "ERROR: Please run 'az login' to setup account." >&2; exit 1 ;;
+  "provider show --namespace Microsoft.App "*) echo NotRegistered ;;
+  "provider show "*) echo Registered ;;
+  "provider register "*) ;;
+  "keyvault list-deleted "*) echo "$FAKE_DELETED_VAULT" ;;
+  "functionapp function show "*)
+    case "$FAKE_FUNCTION" in
+      error) echo "ERROR: (AuthorizationFailed) The client does not have authorization" >&2; exit 1 ;;
+      later)
+        [ -e "$FAKE_LOG.indexed" ] && { echo keyvault_events; exit 0; }
+        touch "$FAKE_LOG.indexed"
+        echo "ERROR: (ResourceNotFound) Function keyvault_events not found." >&2; exit 3 ;;
+    esac ;;
+  *) echo "fake az: unexpected $*" >&2; exit 2 ;;
+esac
+"""
+FAKE_AZD = """#!/bin/sh
+echo "azd $*" >> "$FAKE_LOG"
+"""
+HOOK_SHELLS = [
+    pytest.param("sh", "sh", id="sh"),
+    pytest.param(
+        "pwsh",
+        "ps1",
+        id="pwsh",
+        marks=pytest.mark.skipif(shutil.which("pwsh") is None, reason="pwsh is not installed"),
+    ),
+]
+
+
+def _run_hook(
+    tmp_path: Path, shell: str, ext: str, hook: str, env: dict[str, str], *, with_az: bool = True
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Runs infra/hooks/<hook>.<ext>; returns the result and the az/azd calls it made."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, script in (("az", FAKE_AZ), ("azd", FAKE_AZD)):
+        path = bin_dir / name
+        if name == "az" and not with_az:
+            continue
+        path.write_text(script)
+        path.chmod(0o755)
+    log = tmp_path / "calls.log"
+    log.touch()
+    base = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "FAKE_LOG": str(log),
+        "FAKE_AZ_LOGGED_IN": "1",
+        "FAKE_FUNCTION": "later",
+        "FAKE_DELETED_VAULT": "",
+        "ROTATION_EVENT_DELIVERY": "AzureFunction",
+        "AZURE_RESOURCE_GROUP": "rg-test",
+        "AZURE_FUNCTION_APP_NAME": "func-test",
+        # Long enough that a hook which waits where it should fail runs into the timeout.
+        "ROTATION_HOOK_POLL_SECONDS": "30",
+    }
+    command = [shell, str(INFRA / "hooks" / f"{hook}.{ext}")]
+    if shell == "pwsh":
+        command = ["pwsh", "-NoProfile", "-NonInteractive", "-File", command[1]]
+    result = subprocess.run(
+        command, env={**base, **env}, capture_output=True, text=True, timeout=20, check=False
     )
-    assert syntax.returncode == 0, syntax.stderr
+    return result, log.read_text().splitlines()
+
+
+@pytest.mark.parametrize(("shell", "ext"), HOOK_SHELLS)
+def test_postdeploy_fails_at_once_when_az_is_logged_out(tmp_path: Path, shell: str, ext: str) -> None:
+    result, calls = _run_hook(tmp_path, shell, ext, "postdeploy", {"FAKE_AZ_LOGGED_IN": "0"})
+    assert result.returncode != 0
+    assert "az login" in result.stderr and "Please run 'az login'" in result.stderr
+    assert calls == ["az account show --output none"]
+
+
+@pytest.mark.parametrize(("shell", "ext"), HOOK_SHELLS)
+def test_postdeploy_fails_at_once_on_other_az_errors(tmp_path: Path, shell: str, ext: str) -> None:
+    result, calls = _run_hook(tmp_path, shell, ext, "postdeploy", {"FAKE_FUNCTION": "error"})
+    assert result.returncode != 0
+    assert "AuthorizationFailed" in result.stderr
+    assert "ROTATION_FUNCTION_EVENTS_READY true" in result.stderr
+    assert not [c for c in calls if c.startswith("azd ")]
+
+
+@pytest.mark.parametrize(("shell", "ext"), HOOK_SHELLS)
+def test_postdeploy_waits_only_for_not_indexed_yet(tmp_path: Path, shell: str, ext: str) -> None:
+    result, calls = _run_hook(tmp_path, shell, ext, "postdeploy", {"ROTATION_HOOK_POLL_SECONDS": "0"})
+    assert result.returncode == 0, result.stderr
+    show = "az functionapp function show --resource-group rg-test --name func-test"
+    assert [c.split(" --function-name")[0] for c in calls if c.startswith("az functionapp")] == [show] * 2
+    assert calls[-2:] == ["azd env set ROTATION_FUNCTION_EVENTS_READY true", "azd provision --no-prompt"]
+
+
+@pytest.mark.parametrize(("shell", "ext"), HOOK_SHELLS)
+def test_postdeploy_without_az_says_so(tmp_path: Path, shell: str, ext: str) -> None:
+    result, calls = _run_hook(tmp_path, shell, ext, "postdeploy", {}, with_az=False)
+    assert result.returncode != 0
+    assert "(az) is not installed" in result.stderr
+    assert calls == []
+
+
+@pytest.mark.parametrize(("shell", "ext"), HOOK_SHELLS)
+def test_preprovision_registers_providers_and_draws_a_vault_suffix(
+    tmp_path: Path, shell: str, ext: str
+) -> None:
+    result, calls = _run_hook(tmp_path, shell, ext, "preprovision", {"AZURE_SUBSCRIPTION_ID": "sub-1"})
+    assert result.returncode == 0, result.stderr
+    registered = [c for c in calls if c.startswith("az provider register")]
+    assert registered == ["az provider register --namespace Microsoft.App --wait --subscription sub-1"]
+    shown = {c.split()[4] for c in calls if c.startswith("az provider show")}
+    assert shown == {"Microsoft.App", "Microsoft.EventGrid", "Microsoft.KeyVault"}
+    assert re.fullmatch(r"azd env set ROTATION_VAULT_NAME_SUFFIX [0-9a-f]{6}", calls[-1])
+
+
+@pytest.mark.parametrize(("shell", "ext"), HOOK_SHELLS)
+def test_preprovision_keeps_the_suffix_until_the_vault_is_soft_deleted(
+    tmp_path: Path, shell: str, ext: str
+) -> None:
+    kept, calls = _run_hook(tmp_path, shell, ext, "preprovision", {"ROTATION_VAULT_NAME_SUFFIX": "a1b2c3"})
+    assert kept.returncode == 0, kept.stderr
+    assert not [c for c in calls if c.startswith("azd ")]
+    (tmp_path / "calls.log").unlink()
+    deleted = {"ROTATION_VAULT_NAME_SUFFIX": "a1b2c3", "FAKE_DELETED_VAULT": "kv-abc-a1b2c3"}
+    redrawn, calls = _run_hook(tmp_path, shell, ext, "preprovision", deleted)
+    assert redrawn.returncode == 0, redrawn.stderr
+    assert "az keyvault recover --name kv-abc-a1b2c3" in redrawn.stdout
+    assert calls[-1].startswith("azd env set ROTATION_VAULT_NAME_SUFFIX ")
+    assert calls[-1] != "azd env set ROTATION_VAULT_NAME_SUFFIX a1b2c3"
+
+
+@pytest.mark.parametrize(("shell", "ext"), HOOK_SHELLS)
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FAKE_AZ_LOGGED_IN": "0"}, "Run 'az login'"),
+        (
+            {"ROTATION_PRIVATE_NETWORKING": "false", "ROTATION_VAULT_PUBLIC_NETWORK_ACCESS": "Disabled"},
+            "the app could not reach it",
+        ),
+        ({"ROTATION_ALLOWED_VAULTS": "https://kv-abc.vault.azure.net"}, "ROTATION_VAULT_NAME <its name>"),
+    ],
+    ids=["logged-out", "closed-vault-without-private-networking", "vault-named-before-suffixes"],
+)
+def test_preprovision_refuses(
+    tmp_path: Path, shell: str, ext: str, env: dict[str, str], message: str
+) -> None:
+    result, calls = _run_hook(tmp_path, shell, ext, "preprovision", env)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not [c for c in calls if c.startswith(("az provider register", "azd "))]
 
 
 def test_queue_trigger_shares_the_event_grid_handler() -> None:

@@ -1,7 +1,21 @@
 # azd postdeploy hook (Windows). Same as postdeploy.sh: for ROTATION_EVENT_DELIVERY=AzureFunction,
-# wait until keyvault_events exists, then set ROTATION_FUNCTION_EVENTS_READY=true and provision
-# again so the Event Grid subscription to the function is created.
+# check that az is installed and logged in, wait until keyvault_events exists (only "not found"
+# is waited for; any other az error is final), then set ROTATION_FUNCTION_EVENTS_READY=true and
+# provision again so the Event Grid subscription to the function is created.
 $ErrorActionPreference = 'Stop'
+
+$manual = 'then run: azd env set ROTATION_FUNCTION_EVENTS_READY true; azd provision'
+function Fail([string] $message) {
+    [Console]::Error.WriteLine("postdeploy: $message")
+    exit 1
+}
+
+# Returns @{ Code; Output } (stdout and stderr) of one az call.
+function Invoke-Az([string[]] $arguments) {
+    $ErrorActionPreference = 'Continue'
+    $output = (& az @arguments 2>&1 | Out-String).Trim()
+    @{ Code = $LASTEXITCODE; Output = $output }
+}
 
 $delivery = if ($env:ROTATION_EVENT_DELIVERY) { $env:ROTATION_EVENT_DELIVERY } else { 'StorageQueue' }
 if ($delivery -ne 'AzureFunction') {
@@ -13,29 +27,37 @@ if ($env:ROTATION_FUNCTION_EVENTS_READY -eq 'true') {
     exit 0
 }
 if (-not $env:AZURE_RESOURCE_GROUP -or -not $env:AZURE_FUNCTION_APP_NAME) {
-    throw 'azd did not export AZURE_RESOURCE_GROUP / AZURE_FUNCTION_APP_NAME (run azd provision first)'
+    Fail 'azd did not export AZURE_RESOURCE_GROUP / AZURE_FUNCTION_APP_NAME (run azd provision first)'
+}
+$pollSeconds = if ($env:ROTATION_HOOK_POLL_SECONDS) { [int] $env:ROTATION_HOOK_POLL_SECONDS } else { 10 }
+$attempts = 30
+
+if (-not (Get-Command az -ErrorAction SilentlyContinue)) {
+    Fail "the Azure CLI (az) is not installed; install it and run 'az login', $manual"
+}
+$account = Invoke-Az @('account', 'show', '--output', 'none')
+if ($account.Code -ne 0) {
+    Fail "az is not logged in or cannot read its account (az account show: $($account.Output)). Run 'az login', $manual"
 }
 
-if (Get-Command az -ErrorAction SilentlyContinue) {
-    Write-Host "postdeploy: waiting for $($env:AZURE_FUNCTION_APP_NAME) to index keyvault_events..."
-    $found = $false
-    for ($i = 0; $i -lt 30; $i++) {
-        az functionapp function show --resource-group $env:AZURE_RESOURCE_GROUP `
-            --name $env:AZURE_FUNCTION_APP_NAME --function-name keyvault_events `
-            --query name --output tsv *> $null
-        if ($LASTEXITCODE -eq 0) { $found = $true; break }
-        Start-Sleep -Seconds 10
+Write-Host "postdeploy: waiting for $($env:AZURE_FUNCTION_APP_NAME) to index keyvault_events..."
+for ($try = 1; ; $try++) {
+    $show = Invoke-Az @('functionapp', 'function', 'show', '--resource-group', $env:AZURE_RESOURCE_GROUP,
+        '--name', $env:AZURE_FUNCTION_APP_NAME, '--function-name', 'keyvault_events', '--query', 'name', '--output', 'tsv')
+    if ($show.Code -eq 0) { break }
+    # az exits 3 when the resource is missing.
+    $notFound = $show.Output -notmatch 'SubscriptionNotFound' -and $show.Output -match 'NotFound|Not Found|not found'
+    if ($show.Code -ne 3 -and -not $notFound) {
+        Fail "az functionapp function show failed (exit $($show.Code)): $($show.Output); fix that, $manual"
     }
-    if (-not $found) {
-        throw 'keyvault_events did not appear in 5 minutes; check the deployment, then run: azd env set ROTATION_FUNCTION_EVENTS_READY true; azd provision'
+    if ($try -ge $attempts) {
+        Fail "keyvault_events was not indexed after $attempts checks $pollSeconds s apart; check the deployment, $manual"
     }
-} else {
-    Write-Host 'postdeploy: az CLI not found; giving the host 60 s to index the functions.'
-    Start-Sleep -Seconds 60
+    Start-Sleep -Seconds $pollSeconds
 }
 
 azd env set ROTATION_FUNCTION_EVENTS_READY true
-if ($LASTEXITCODE -ne 0) { throw 'azd env set failed' }
+if ($LASTEXITCODE -ne 0) { Fail 'azd env set failed' }
 Write-Host 'postdeploy: provisioning again to add the Event Grid subscription(s) to keyvault_events.'
 azd provision --no-prompt
-if ($LASTEXITCODE -ne 0) { throw 'azd provision failed' }
+if ($LASTEXITCODE -ne 0) { Fail 'azd provision failed' }
