@@ -211,6 +211,58 @@ def test_role_assignments_are_least_privilege() -> None:
             assert block.startswith("guid("), f"{path.name}: role assignment named {block}"
 
 
+ROLES_TSV = ROOT.parent / "shared" / "azure-reference" / "built-in-roles.tsv"
+ANY_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _normal(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def role_id_findings(files: dict[str, str], roles: dict[str, str]) -> list[str]:
+    """GUIDs whose nearby role name (same line, else the next) is another role's, or role ids
+    without a name nearby. roles: role name -> GUID. Non-role GUIDs with no role name are left be."""
+    by_name = {_normal(name): (name, guid) for name, guid in roles.items()}
+    builtin = set(roles.values())
+    findings = []
+    for path, text in files.items():
+        lines = text.splitlines()
+        for number, line in enumerate(lines):
+            for guid in ANY_GUID.findall(line):
+                claims = []
+                for nearby in (line, lines[number + 1] if number + 1 < len(lines) else ""):
+                    plain = _normal(ANY_GUID.sub(" ", nearby))
+                    claims = [key for key in by_name if key in plain]
+                    if claims:
+                        break
+                if claims:
+                    name, expected = by_name[max(claims, key=len)]
+                    if guid != expected:
+                        findings.append(f"{path}:{number + 1}: {guid} is not {name} ({expected})")
+                elif path.endswith(".bicep") or guid in builtin:
+                    findings.append(f"{path}:{number + 1}: role id {guid} without its role name nearby")
+    return findings
+
+
+def test_role_ids_are_the_roles_they_claim() -> None:
+    if not ROLES_TSV.is_file():
+        pytest.skip(f"built-in role list not found at {ROLES_TSV} (reference data next to the repository)")
+    roles = {line.split("\t")[0]: line.split("\t")[1] for line in ROLES_TSV.read_text().splitlines()}
+    paths = [*INFRA.rglob("*.bicep"), INFRA / "README.md", ROOT / "README.md"]
+    paths += [*ROOT.glob("docs/**/*.md"), *(ROOT / "tests").glob("*.py")]
+    files = {str(path.relative_to(ROOT)): path.read_text() for path in paths}
+    assert role_id_findings(files, roles) == []
+    # A wrong id is caught: the one the templates carried for Key Vault Crypto Officer before.
+    wrong = "14b46e9e-c2b7-" + "41e0-b7c9-3e7e2f6b3b6f"
+    planted = {"vault-rotation.bicep": f"  keyVaultCryptoOfficer: '{wrong}'"}
+    assert role_id_findings(planted, roles) == [
+        f"vault-rotation.bicep:1: {wrong} is not Key Vault Crypto Officer"
+        f" ({roles['Key Vault Crypto Officer']})"
+    ]
+    unnamed = {"x.bicep": "var role = '" + roles["Key Vault Administrator"] + "'"}
+    assert len(role_id_findings(unnamed, roles)) == 1
+
+
 def test_vault_hardening_and_event_subscription() -> None:
     vault = (MODULES / "keyvault.bicep").read_text()
     for setting in (

@@ -8,17 +8,17 @@ param storageAccountName string
 @description('Principal id of the Function App identity.')
 param appPrincipalId string
 
-var storageAccountKeyOperator = '81a9662b-bebf-436f-a333-f67b29880f12'
+var storageAccountKeyOperatorServiceRole = '81a9662b-bebf-436f-a333-f67b29880f12'
 
 resource target 'Microsoft.Storage/storageAccounts@2023-01-01' existing = {
   name: storageAccountName
 }
 
 resource keyOperator 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(target.id, appPrincipalId, storageAccountKeyOperator)
+  name: guid(target.id, appPrincipalId, storageAccountKeyOperatorServiceRole)
   scope: target
   properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageAccountKeyOperator)
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageAccountKeyOperatorServiceRole)
     principalId: appPrincipalId
     principalType: 'ServicePrincipal'
   }
