@@ -100,10 +100,10 @@ def rotate_secret(req: func.HttpRequest) -> func.HttpResponse:
     """Rotate now: routine, emergency (overlap 0) or dry run."""
     from shared import api, service
 
+    engine = service.engine()
+    caller = api.requested_by(req.headers, engine.settings)
     name = req.route_params.get("name", "")
-    return _respond(
-        api.rotate(service.engine(), name, req.params, req.get_body(), api.requested_by(req.headers))
-    )
+    return _respond(api.rotate(engine, name, req.params, req.get_body(), caller))
 
 
 @app.function_name("adopt_secret")
@@ -112,10 +112,10 @@ def adopt_secret(req: func.HttpRequest) -> func.HttpResponse:
     """Put an existing secret under rotation without rotating it."""
     from shared import api, service
 
+    engine = service.engine()
+    caller = api.requested_by(req.headers, engine.settings)
     name = req.route_params.get("name", "")
-    return _respond(
-        api.adopt(service.engine(), name, req.params, req.get_body(), api.requested_by(req.headers))
-    )
+    return _respond(api.adopt(engine, name, req.params, req.get_body(), caller))
 
 
 @app.function_name("secret_rotation_status")
@@ -142,9 +142,7 @@ def set_key_rotation_policy(req: func.HttpRequest) -> func.HttpResponse:
     """Set a Key Vault key's rotation policy (Key Vault then rotates and notifies by itself)."""
     from shared import api, service
 
+    keys = service.keys()
+    caller = api.requested_by(req.headers, keys.settings)
     name = req.route_params.get("name", "")
-    return _respond(
-        api.set_key_rotation_policy(
-            service.keys(), name, req.params, req.get_body(), api.requested_by(req.headers)
-        )
-    )
+    return _respond(api.set_key_rotation_policy(keys, name, req.params, req.get_body(), caller))

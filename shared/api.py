@@ -7,7 +7,6 @@ handler ever returns a secret value.
 """
 
 import base64
-import binascii
 import json
 import threading
 import time
@@ -23,7 +22,8 @@ from shared import engine as outcomes
 from shared.config import SECRET_NAME, validate_secret_name
 from shared.durations import parse_duration
 from shared.engine import Outcome, RotationEngine, utc_now
-from shared.errors import ConfigError
+from shared.errors import ConfigError, InvalidInput
+from shared.jsonsafe import loads_strict, parse_int
 from shared.ledger import FAILED, IDLE, OVERLAP, ROTATING, as_dict
 from shared.settings import Settings, normalize_vault_url
 
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from shared.keys import KeyRotationService
 
 MAX_BODY_BYTES = 16 * 1024
+MAX_BODY_DEPTH = 8  # the deepest body is an object of lists (adopt's slots)
+MAX_TOKEN_CHARS = 512
+MAX_OFFSET = 10**9
 MAX_PAGE_SIZE = 200
 MAX_HISTORY = 100
 STATES = (IDLE, ROTATING, OVERLAP, FAILED)
@@ -97,9 +100,9 @@ def _json_body(body: bytes, allow_empty: bool = True) -> dict[str, Any]:
             return {}
         raise BadRequest(400, "invalid_body", "a JSON object body is required")
     try:
-        decoded = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest(400, "invalid_body", "request body is not JSON") from None
+        decoded = loads_strict(body, max_depth=MAX_BODY_DEPTH, max_bytes=MAX_BODY_BYTES)
+    except InvalidInput as problem:
+        raise BadRequest(400, "invalid_body", f"request body: {problem}") from None
     if not isinstance(decoded, dict):
         raise BadRequest(400, "invalid_body", "request body must be a JSON object")
     return decoded
@@ -134,10 +137,27 @@ def _served_vault(settings: Settings, params: Mapping[str, str]) -> str:
     return allowed[0]
 
 
-def requested_by(headers: Mapping[str, str]) -> str:
-    """Who called: the App Service authentication principal when present, else the function key."""
-    principal = headers.get("x-ms-client-principal-name") or headers.get("X-MS-CLIENT-PRINCIPAL-NAME")
-    return f"http:{principal[:100]}" if principal else "http:function-key"
+def _header(headers: Mapping[str, str], name: str) -> str:
+    value = next((v for k, v in headers.items() if k.lower() == name), "")
+    return "".join(c for c in str(value) if c.isprintable()).strip()[:100]
+
+
+def requested_by(headers: Mapping[str, str], settings: Settings) -> str:
+    """Who called, for the audit trail: the App Service authentication principal, else the function key.
+
+    App Service strips client-sent X-MS-CLIENT-PRINCIPAL* headers only when its authentication
+    is enabled; without it anyone holding the function key could name any principal, so the
+    headers count only when ROTATION_TRUST_APP_SERVICE_AUTH says authentication is on.
+    """
+    if not settings.trust_app_service_auth:
+        return "http:function-key"
+    principal_id = _header(headers, "x-ms-client-principal-id")
+    name = _header(headers, "x-ms-client-principal-name")
+    if not principal_id and not name:
+        return "http:function-key"
+    provider = _header(headers, "x-ms-client-principal-idp") or "unknown"
+    who = f"{name} ({principal_id})" if name and principal_id else name or principal_id
+    return f"http:{provider[:20]}:{who}"
 
 
 def _from_outcome(outcome: Outcome, extra: dict[str, Any] | None = None) -> ApiResult:
@@ -238,12 +258,7 @@ def status(engine: RotationEngine, name: str, params: Mapping[str, str]) -> ApiR
     """GET /secrets/{name}/rotation"""
     secret = _name(name)
     vault = _vault(engine, params)
-    try:
-        limit = int(params.get("history", "10"))
-    except ValueError:
-        raise BadRequest(400, "invalid_query", "history must be a number") from None
-    if not 0 <= limit <= MAX_HISTORY:
-        raise BadRequest(400, "invalid_query", f"history must be between 0 and {MAX_HISTORY}")
+    limit = _query_int(params, "history", 10, 0, MAX_HISTORY)
     try:
         return ApiResult(200, engine.status(vault, secret, limit))
     except ResourceNotFoundError:
@@ -255,14 +270,33 @@ def _page_token(offset: int, snapshot: str) -> str:
 
 
 def _continuation(token: str) -> tuple[int, str]:
+    invalid = BadRequest(400, "invalid_query", "invalid continuation token")
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
+        raise invalid
     try:
-        fields = json.loads(base64.urlsafe_b64decode(token.encode()))
-        offset, snapshot = fields["offset"], fields.get("snapshot", "")
-    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
-        raise BadRequest(400, "invalid_query", "invalid continuation token") from None
-    if not isinstance(offset, int) or offset < 0 or not isinstance(snapshot, str):
-        raise BadRequest(400, "invalid_query", "invalid continuation token")
+        fields = loads_strict(
+            base64.urlsafe_b64decode(token.encode("ascii")), max_depth=1, max_bytes=MAX_TOKEN_CHARS
+        )
+    except (InvalidInput, ValueError):  # binascii.Error and UnicodeEncodeError are ValueErrors
+        raise invalid from None
+    if not isinstance(fields, dict) or set(fields) - {"offset", "snapshot"}:
+        raise invalid
+    offset, snapshot = fields.get("offset"), fields.get("snapshot", "")
+    # bool is an int to Python: refuse it explicitly
+    if type(offset) is not int or not 0 <= offset <= MAX_OFFSET:
+        raise invalid
+    if not isinstance(snapshot, str) or len(snapshot) > 64:
+        raise invalid
     return offset, snapshot
+
+
+def _query_int(params: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    if name not in params:
+        return default
+    try:
+        return parse_int(params[name], low=low, high=high, what=name)
+    except InvalidInput as problem:
+        raise BadRequest(400, "invalid_query", str(problem)) from None
 
 
 class _Snapshots:
@@ -311,12 +345,7 @@ def list_rotations(engine: RotationEngine, params: Mapping[str, str]) -> ApiResu
             horizon = utc_now() + parse_duration(params["due_within"])
         except ConfigError as problem:
             raise BadRequest(400, "invalid_query", f"due_within: {problem}") from None
-    try:
-        page_size = int(params.get("page_size", "50"))
-    except ValueError:
-        raise BadRequest(400, "invalid_query", "page_size must be a number") from None
-    if not 1 <= page_size <= MAX_PAGE_SIZE:
-        raise BadRequest(400, "invalid_query", f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+    page_size = _query_int(params, "page_size", 50, 1, MAX_PAGE_SIZE)
     offset, snapshot = _continuation(params["continuation"]) if "continuation" in params else (0, "")
     vault = _vault(engine, params) if "vault" in params else None
 

@@ -1,24 +1,31 @@
-"""ISO 8601 durations as used in rotation tags (P90D, PT12H, P1W, PT30S)."""
+"""ISO 8601 durations as used in rotation tags, settings and queries (P90D, PT12H, P1W, PT30S)."""
 
 import re
 from datetime import timedelta
 
 from shared.errors import ConfigError
 
+MAX_DURATION_CHARS = 40
+# Long enough for any rotation period, short enough that now + it is still a date.
+MAX_DURATION = timedelta(days=36525)
 _DURATION = re.compile(
-    r"^P(?:(?P<weeks>\d+)W)?(?:(?P<days>\d+)D)?"
-    r"(?:T(?:(?P<hours>\d+)H)?(?:(?P<minutes>\d+)M)?(?:(?P<seconds>\d+(?:\.\d+)?)S)?)?$"
+    r"P(?:(?P<weeks>[0-9]+)W)?(?:(?P<days>[0-9]+)D)?"
+    r"(?:T(?:(?P<hours>[0-9]+)H)?(?:(?P<minutes>[0-9]+)M)?(?:(?P<seconds>[0-9]+(?:\.[0-9]+)?)S)?)?",
+    re.ASCII,
 )
 
 
 def parse_duration(text: str) -> timedelta:
-    """Parse an ISO 8601 duration in weeks, days, hours, minutes and seconds.
+    """Parse an ISO 8601 duration in weeks, days, hours, minutes and seconds, at most 100 years.
 
     Years and months are refused: their length varies, and a rotation period
-    should mean the same number of seconds every time.
+    should mean the same number of seconds every time. Only ASCII digits count.
+    Every refusal is a ConfigError.
     """
+    if not isinstance(text, str) or len(text) > MAX_DURATION_CHARS:
+        raise ConfigError(f"invalid duration: at most {MAX_DURATION_CHARS} characters, such as P90D")
     candidate = text.strip().upper()
-    match = _DURATION.match(candidate)
+    match = _DURATION.fullmatch(candidate) if text.isascii() else None  # upper() turns U+017F into an S
     if not match or candidate in ("P", "PT") or candidate.endswith("T"):
         raise ConfigError(
             f"invalid duration {text[:40]!r}: use ISO 8601 weeks/days/hours/minutes/seconds, "
@@ -26,9 +33,12 @@ def parse_duration(text: str) -> timedelta:
         )
     parts = {name: float(value) for name, value in match.groupdict().items() if value}
     try:
-        return timedelta(**parts)
+        value = timedelta(**parts)
     except OverflowError:
-        raise ConfigError(f"duration {text[:40]!r} is out of range") from None
+        value = timedelta.max
+    if value > MAX_DURATION:
+        raise ConfigError(f"duration {text[:40]!r} is out of range: at most 100 years (P36525D)")
+    return value
 
 
 def format_duration(value: timedelta) -> str:

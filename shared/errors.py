@@ -50,3 +50,12 @@ class UnsafeOperation(RotationError):
     """The engine refused an operation that would break a live credential."""
 
     code = "unsafe_operation"
+
+
+class InvalidInput(ConfigError):
+    """Input from outside that is not well-formed: a body, token, event or tag value.
+
+    A ConfigError, so a tag parser that lets one through still reports a misconfiguration.
+    """
+
+    code = "invalid_input"

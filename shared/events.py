@@ -9,7 +9,6 @@ Microsoft's documented payloads disagree on the casing of the data fields
 case-insensitively and values are trimmed.
 """
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +17,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from shared.config import SECRET_NAME
-from shared.errors import ConfigError, InvalidEvent
+from shared.errors import ConfigError, InvalidEvent, InvalidInput
+from shared.jsonsafe import check_depth, loads_strict
 from shared.settings import normalize_vault_url
 
 SECRET_NEAR_EXPIRY = "Microsoft.KeyVault.SecretNearExpiry"
@@ -32,6 +32,7 @@ SECRET = "Secret"
 KEY = "Key"
 
 MAX_EVENT_BYTES = 64 * 1024
+MAX_EVENT_DEPTH = 16  # an array of events, each with a data object: 3 levels are needed
 _VERSION = re.compile(r"^[0-9a-fA-F]{32}$")
 
 
@@ -122,17 +123,20 @@ def parse_function_event(event: object) -> VaultEvent:
     get_json = getattr(event, "get_json", None)
     if not callable(get_json):
         raise InvalidEvent("not an Event Grid or CloudEvents event")
-    return parse_event(event_type, getattr(event, "id", None), get_json())
+    try:
+        data = get_json()
+        check_depth(data, max_depth=MAX_EVENT_DEPTH)
+    except InvalidInput as problem:
+        raise InvalidEvent(f"event data: {problem}") from None
+    return parse_event(event_type, getattr(event, "id", None), data)
 
 
 def parse_payload(body: bytes) -> list[VaultEvent]:
     """Parse a raw delivery body: an Event Grid array, one CloudEvent, or a CloudEvents batch."""
-    if len(body) > MAX_EVENT_BYTES:
-        raise InvalidEvent(f"event payload larger than {MAX_EVENT_BYTES} bytes")
     try:
-        decoded = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidEvent("event payload is not JSON") from None
+        decoded = loads_strict(body, max_depth=MAX_EVENT_DEPTH, max_bytes=MAX_EVENT_BYTES)
+    except InvalidInput as problem:
+        raise InvalidEvent(f"event payload: {problem}") from None
     items = decoded if isinstance(decoded, list) else [decoded]
     events = []
     for item in items:

@@ -66,7 +66,7 @@ INVALID = "invalid"
 FAILED = "failed"
 
 _YEARS_MONTHS = re.compile(
-    r"^P(?:(?P<years>\d{1,4})Y)?(?:(?P<months>\d{1,4})M)?(?P<rest>(?:\d+W)?(?:\d+D)?(?:T.*)?)$"
+    r"^P(?:(?P<years>[0-9]{1,4})Y)?(?:(?P<months>[0-9]{1,4})M)?(?P<rest>(?:[0-9]+W)?(?:[0-9]+D)?(?:T.*)?)$"
 )
 
 

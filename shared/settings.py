@@ -95,6 +95,9 @@ class Settings:
     ledger_connection_string: str | None = None
     ledger_table_endpoint: str | None = None
     ledger_table_prefix: str = "rotation"
+    # Record the App Service authentication principal (X-MS-CLIENT-PRINCIPAL-*) as who called;
+    # only safe when that authentication is on, as only then does App Service strip the headers.
+    trust_app_service_auth: bool = False
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -142,6 +145,7 @@ class Settings:
             ledger_connection_string=env.get("LEDGER_CONNECTION_STRING") or None,
             ledger_table_endpoint=table_endpoint or None,
             ledger_table_prefix=env.get("LEDGER_TABLE_PREFIX", cls.ledger_table_prefix),
+            trust_app_service_auth=_bool(env.get("ROTATION_TRUST_APP_SERVICE_AUTH", "false")),
         )
 
     def vault_allowed(self, vault_url: str) -> bool:

@@ -97,3 +97,18 @@ def test_oversize_and_non_json_payloads_are_rejected() -> None:
         parse_payload(b"\xff\xfe not json")
     with pytest.raises(InvalidEvent, match="not a JSON object"):
         parse_payload(b"[1, 2]")
+
+
+def test_hostile_payloads_are_invalid_events_never_recursion_errors() -> None:
+    for body in (b"[" * 1000 + b"]" * 1000, b'[{"id": "a", "id": "b"}]', b'[{"data": {"EXP": Infinity}}]'):
+        with pytest.raises(InvalidEvent, match="event payload"):
+            parse_payload(body)
+
+
+def test_a_hostile_queue_message_is_consumed_with_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    from tests.hosting import deliver_queue_message  # noqa: PLC0415 - imports function_app
+
+    deliver_queue_message(b"[" * 1000)  # returns: consumed, not retried to the poison queue
+    dropped = [r for r in caplog.records if "dropped Key Vault event from queue message" in r.getMessage()]
+    assert len(dropped) == 1
+    assert "nested deeper" in dropped[0].getMessage()

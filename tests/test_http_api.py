@@ -465,3 +465,47 @@ def test_walking_the_pages_lists_the_vault_once(stack: LocalStack, unique: str) 
     assert len(seen) == len(set(seen)) == body["count"]
     assert {f"{unique}-{index}" for index in range(3)} <= set(seen)
     assert stack.vault.request_counts[("GET", "/secrets")] == lists_for_first_page
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"dry_run": true, "dry_run": false, "emergency": true}',
+        b"[" * 1000 + b"]" * 1000,
+        b'{"reason": NaN}',
+    ],
+    ids=["duplicate-keys", "deep-nesting", "nan"],
+)
+def test_hostile_bodies_are_400_and_change_nothing(
+    stack: LocalStack, vault: SecretClient, unique: str, raw: bytes
+) -> None:
+    provision_postgres_secret(stack, unique, prefix=unique, expires_on=soon(200))
+    response = rotate(unique, raw=raw)
+    assert response.status_code == 400
+    assert error_code(response) == "invalid_body"
+    assert version_count(vault, unique) == 1
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"due_within": "P3000000D"},
+        {"due_within": "P\u0663D"},
+        {"page_size": "\u0663"},
+        {"page_size": "9" * 5000},
+        {"continuation": "WyJbIiwgWyJbIl1d" * 40},
+        {"continuation": "eyJvZmZzZXQiOiB0cnVlfQ=="},  # {"offset": true}
+    ],
+    ids=[
+        "huge-duration",
+        "arabic-digit-duration",
+        "arabic-digit",
+        "huge-number",
+        "long-token",
+        "bool-offset",
+    ],
+)
+def test_hostile_list_queries_are_400(params: dict[str, str]) -> None:
+    response = listing(**params)
+    assert response.status_code == 400
+    assert error_code(response) == "invalid_query"
