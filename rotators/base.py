@@ -25,6 +25,8 @@ class RotationContext:
     credential: TokenCredential
     settings: Settings
     admin_secrets: SecretCache | None = None
+    # The managed secret this context serves (an admin secret must list it to serve it).
+    secret_name: str = ""
 
     def read_admin_secret(self, name: str, *, fresh: bool = False) -> str:
         """An admin secret's value, cached briefly; pass `fresh` after it failed to authenticate."""
