@@ -118,6 +118,18 @@ def adopt_secret(req: func.HttpRequest) -> func.HttpResponse:
     return _respond(api.adopt(engine, name, req.params, req.get_body(), caller))
 
 
+@app.function_name("bind_secret")
+@app.route(route="secrets/{name}/bind", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def bind_secret(req: func.HttpRequest) -> func.HttpResponse:
+    """Pin the secret's current tags as its upstream identity (after a deliberate tag change)."""
+    from shared import api, service
+
+    engine = service.engine()
+    caller = api.requested_by(req.headers, engine.settings)
+    name = req.route_params.get("name", "")
+    return _respond(api.bind(engine, name, req.params, req.get_body(), caller))
+
+
 @app.function_name("secret_rotation_status")
 @app.route(route="secrets/{name}/rotation", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
 def secret_rotation_status(req: func.HttpRequest) -> func.HttpResponse:

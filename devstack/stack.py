@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from devstack.azurite import Azurite
 from devstack.keyvault import KeyVaultEmulator
 from devstack.postgres import PostgresServer
 from devstack.vendor_api import VendorApi
+from rotators.base import TAG_ADMIN_FOR
 
 APP_DATABASE = "appdb"
 ADMIN_SECRET = "pg-admin"
@@ -44,6 +46,8 @@ class LocalStack:
         # Both share the vault emulator's CA (same certificate directory).
         self.storage = ArmStorageStandIn(self.base_dir / "keyvault", self.vault)
         self.vendor = VendorApi(self.base_dir / "keyvault")
+        self._binders: dict[str, Any] = {}
+        self._binder_lock = threading.Lock()
 
     def start(self, publish_interval: float | None = None) -> "LocalStack":
         try:
@@ -92,6 +96,26 @@ class LocalStack:
             **self.vault.identity_env(),
         }
 
+    def operator_bind(self, name: str) -> str:
+        """Bind a secret just provisioned, as the operator who set it up would (the proof of
+        possession included). Returns the outcome's status: a secret provisioned with tags that
+        do not parse stays unbound, and its rotation reports the misconfiguration."""
+        from shared import service  # noqa: PLC0415 - the stand-ins themselves need none of the service
+        from shared.settings import Settings  # noqa: PLC0415
+
+        settings = self.app_settings()
+        # The operator of this stack may reach all of it, whatever a test allows the service.
+        settings["ROTATION_ALLOWED_TARGETS"] = "127.0.0.1,*.blob.core.windows.net:443"
+        # The ledger the service in this process uses (a benchmark keeps its own tables).
+        prefix = settings["LEDGER_TABLE_PREFIX"] = os.environ.get("LEDGER_TABLE_PREFIX", "rotation")
+        with self._binder_lock, app_environment(settings):
+            if prefix not in self._binders:
+                self._binders[prefix] = service.build_engine(Settings.from_env(settings), notify=None)
+            outcome = self._binders[prefix].bind(
+                self.vault.vault_url, name, requested_by="devstack provisioning"
+            )
+        return str(outcome.status)
+
     def secret_client(self) -> SecretClient:
         return SecretClient(
             self.vault.vault_url,
@@ -105,7 +129,13 @@ class LocalStack:
         with self.postgres.admin_connect() as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(APP_DATABASE)))
         admin = {"username": self.postgres.admin_user, "password": self.postgres.admin_password}
-        self.secret_client().set_secret(ADMIN_SECRET, json.dumps(admin), content_type="application/json")
+        # This stack's database admin serves every secret in the vault (an operator's choice).
+        self.secret_client().set_secret(
+            ADMIN_SECRET,
+            json.dumps(admin),
+            content_type="application/json",
+            tags={TAG_ADMIN_FOR: "*"},
+        )
 
 
 @dataclass(frozen=True)
@@ -186,6 +216,7 @@ def provision_postgres_secret(
     first = (vault or stack.secret_client()).set_secret(
         name, json.dumps(value), tags=tags, expires_on=expires_on, content_type="application/json"
     )
+    stack.operator_bind(name)
     return ManagedPostgresSecret(name=name, group=group, slots=(blue, green), first_version=first)
 
 
@@ -210,7 +241,12 @@ def provision_api_key_secret(
     its admin key in `<name>-admin`, and the secret holding the first key under rotation."""
     vault, vendor = stack.secret_client(), vendor or stack.vendor
     admin_key = vendor.add_account()
-    vault.set_secret(f"{name}-admin", json.dumps({"key": admin_key}), content_type="application/json")
+    vault.set_secret(
+        f"{name}-admin",
+        json.dumps({"key": admin_key}),
+        content_type="application/json",
+        tags={TAG_ADMIN_FOR: name},
+    )
     key_id, key = vendor.issue(admin_key, "primary")
     value = {"engine": "api-key", "base_url": vendor.base_url, "key_id": key_id, "key": key}
     tags = {
@@ -226,6 +262,7 @@ def provision_api_key_secret(
     first = vault.set_secret(
         name, json.dumps(value), tags=tags, expires_on=expires_on, content_type="application/json"
     )
+    stack.operator_bind(name)
     return ManagedApiKeySecret(admin_key, first, value)
 
 
@@ -253,4 +290,5 @@ def provision_storage_key_secret(
     stack.secret_client().set_secret(
         name, stack.storage.keys(account)["key1"], tags=tags, expires_on=expires_on, content_type="text/plain"
     )
+    stack.operator_bind(name)
     return resource_id

@@ -49,7 +49,8 @@ from tenacity import (
 from tenacity.wait import wait_random_exponential
 
 from rotators.base import NewCredential, RotationContext
-from shared.errors import ConfigError, UpstreamError, VerificationFailed
+from shared.config import RotationConfig
+from shared.errors import ConfigError, PossessionNotProven, UpstreamError, VerificationFailed
 
 logger = logging.getLogger(__name__)
 
@@ -325,6 +326,10 @@ class _Vendor:
                 answer = self._admin_call(endpoint, fresh, key_id, body)
         return answer
 
+    def admin_retrying(self, endpoint: Endpoint, key: str, key_id: str) -> _Answer:
+        """A call with `key` (not the admin key), retried like an admin call."""
+        return self._admin_call(endpoint, key, key_id, None)
+
     def _admin_call(self, endpoint: Endpoint, key: str, key_id: str, body: Any) -> _Answer:
         for attempt in Retrying(
             retry=retry_if_exception_type(_Transient),
@@ -416,6 +421,47 @@ class ApiKeyRotator:
         key = _key_of(value)
         with self._vendor(context, admin=False) as vendor:
             self._authenticate(vendor, vendor.contract.verify, key, _key_id_of(value))
+
+    @staticmethod
+    def slot_namespace(config: RotationConfig) -> str:
+        """Key names are per vendor account, and the admin secret is the account."""
+        return f"{config.target}#{(config.admin_secret or '').lower()}"
+
+    def prove_possession(self, context: RotationContext, value: str) -> None:
+        """The key authenticates, the vendor says which key it is, and the admin listing has
+        that key on the current slot."""
+        self.validate(context)
+        slot = context.config.current_slot
+        try:
+            key, key_id = _key_of(value), _key_id_of(value)
+        except VerificationFailed:
+            raise PossessionNotProven(
+                "the secret's value is not a key or the JSON this rotator writes"
+            ) from None
+        with self._vendor(context) as vendor:
+            try:
+                answer = vendor.admin_retrying(vendor.contract.verify, key, key_id)
+            except UpstreamError as error:
+                raise UpstreamError(f"cannot check the current key: {error}") from None
+            if answer.refusal:
+                raise PossessionNotProven(f"the secret's key does not authenticate: {answer.refusal}")
+            fields = vendor.contract.fields
+            named = _dig(_dig(answer.body, fields["item"]), fields["id"])
+            if isinstance(named, int) and not isinstance(named, bool):
+                named = str(named)
+            if not isinstance(named, str) or not named:
+                raise PossessionNotProven(
+                    f"{vendor.where}: the answer to {vendor.contract.verify} does not say which key it is "
+                    f"(where {TAG_FIELDS} says the id is)"
+                )
+            if key_id and named != key_id:
+                raise PossessionNotProven(
+                    f"{vendor.where} does not identify the secret's key as key {key_id[:80]}"
+                )
+            key_id = named
+            on_slot = [listed for listed, name in self._keys(vendor) if name == slot]
+        if key_id not in on_slot:
+            raise PossessionNotProven(f"key {key_id[:80]} is not the vendor's key on slot {slot}")
 
     def retire(self, context: RotationContext, slot: str) -> None:
         self.validate(context)

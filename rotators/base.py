@@ -5,6 +5,7 @@ roles, key1/key2, two API keys): the engine always asks it to create on the
 slot consumers are NOT using, so a rotation never breaks a live credential.
 """
 
+import fnmatch
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -12,8 +13,19 @@ from azure.core.credentials import TokenCredential
 from azure.keyvault.secrets import SecretClient
 
 from shared.config import RotationConfig
+from shared.errors import Refused
 from shared.secret_cache import SecretCache
 from shared.settings import Settings
+
+TAG_ADMIN_FOR = "rotation-admin-for"
+
+
+def admin_serves(admin_tags: dict[str, str], secret_name: str) -> bool:
+    """True when the admin secret's `rotation-admin-for` tag lists `secret_name` (case-insensitive;
+    `*` matches any run of name characters)."""
+    granted = (admin_tags.get(TAG_ADMIN_FOR) or "").replace(",", " ").lower().split()
+    name = secret_name.lower()
+    return bool(name) and any(fnmatch.fnmatchcase(name, pattern) for pattern in granted)
 
 
 @dataclass(frozen=True)
@@ -29,10 +41,21 @@ class RotationContext:
     secret_name: str = ""
 
     def read_admin_secret(self, name: str, *, fresh: bool = False) -> str:
-        """An admin secret's value, cached briefly; pass `fresh` after it failed to authenticate."""
+        """An admin secret's value, cached briefly; pass `fresh` after it failed to authenticate.
+
+        An admin secret serves only the secrets its own tag `rotation-admin-for` lists (names,
+        or patterns with `*`): naming it in a tag borrows nothing its owner did not grant."""
         if self.admin_secrets is None:
-            return self.secrets.get_secret(name).value or ""
-        return self.admin_secrets.get(self.secrets, name, fresh=fresh)
+            secret = self.secrets.get_secret(name)
+            value, tags = secret.value or "", dict(secret.properties.tags or {})
+        else:
+            value, tags = self.admin_secrets.get(self.secrets, name, fresh=fresh)
+        if not admin_serves(tags, self.secret_name):
+            raise Refused(
+                f"admin secret {name} does not serve {self.secret_name or 'this secret'}: its owner must "
+                f"list it in the admin secret's {TAG_ADMIN_FOR} tag"
+            )
+        return value
 
 
 @dataclass(frozen=True)
@@ -68,6 +91,11 @@ class Rotator(Protocol):
 
     def verify(self, context: RotationContext, value: str) -> None:
         """Authenticate upstream with `value`; raise VerificationFailed if it does not work."""
+
+    def prove_possession(self, context: RotationContext, value: str) -> None:
+        """Check that `value` (the secret's current value) authenticates upstream *as the current
+        slot*, and that the slots are a pair its holder may rotate: raise PossessionNotProven (or
+        Refused) if not, UpstreamError if the upstream cannot be asked. Runs before any change."""
 
     def retire(self, context: RotationContext, slot: str) -> None:
         """Make the credential on `slot` unusable (its value is then worthless)."""

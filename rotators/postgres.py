@@ -37,7 +37,15 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ra
 
 from rotators.base import NewCredential, RotationContext
 from rotators.postgres_sessions import AdminSessions, Session, SessionKey, session_key
-from shared.errors import ConfigError, UnsafeOperation, UpstreamError, VerificationFailed
+from shared.config import RotationConfig
+from shared.errors import (
+    ConfigError,
+    PossessionNotProven,
+    Refused,
+    UnsafeOperation,
+    UpstreamError,
+    VerificationFailed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +62,15 @@ _PRIVILEGED = "rolsuper OR rolcreaterole OR rolcreatedb OR rolreplication OR rol
 def _describe(error: psycopg.Error) -> str:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return f"{error.sqlstate or type(error).__name__}: {first_line[:200]}"
+
+
+def _login_refused(error: psycopg.Error) -> bool:
+    """The server refused the login (wrong password, no such role, not allowed to log in), as
+    opposed to not being reachable."""
+    if error.sqlstate in ("28000", "28P01"):
+        return True
+    text = str(error)
+    return "authentication failed" in text or "is not permitted to log in" in text
 
 
 class PostgresRotator:
@@ -121,6 +138,43 @@ class PostgresRotator:
         except (ValueError, KeyError, TypeError):
             raise VerificationFailed("the credential is not the JSON this rotator writes") from None
         self._login_as(context, username, password)
+
+    @staticmethod
+    def slot_namespace(config: RotationConfig) -> str:
+        """Roles belong to the server, not to one database."""
+        return f"{config.target.host}:{config.target.port}"
+
+    def prove_possession(self, context: RotationContext, value: str) -> None:
+        """The value logs in as the current slot, and both slots are login roles of the group
+        (the inactive one may not exist yet): only a database admin can make such a pair."""
+        self.validate(context)
+        config = context.config
+        try:
+            credential = json.loads(value)
+            username, password = str(credential["username"]), str(credential["password"])
+        except (ValueError, KeyError, TypeError):
+            raise PossessionNotProven("the secret's value is not the JSON this rotator writes") from None
+        if username != config.current_slot:
+            raise PossessionNotProven(
+                f"the secret's value is for role {username[:64]}, not the current slot {config.current_slot}"
+            )
+        try:
+            with self._connect(context, username, password) as conn:
+                row = conn.execute("SELECT session_user").fetchone()
+        except psycopg.Error as error:
+            if _login_refused(error):
+                raise PossessionNotProven(
+                    f"the secret's value does not log in as {username}: {_describe(error)}"
+                ) from None
+            raise UpstreamError(f"cannot reach PostgreSQL {config.target}: {_describe(error)}") from None
+        if not row or row[0] != username:
+            raise PossessionNotProven(f"the secret's value does not log in as {username}")
+        group = config.tags[TAG_GROUP].strip()
+        with self._admin(context) as conn:
+            self._check_group(conn, group)
+            for slot in config.slots:
+                if slot == config.current_slot or self._role(conn, slot) is not None:
+                    self._check_slot(conn, group, slot)
 
     def retire(self, context: RotationContext, slot: str) -> None:
         self.validate(context)
@@ -220,9 +274,7 @@ class PostgresRotator:
             (role,),
         ).fetchone()
 
-    def _ensure_slot_role(self, conn: psycopg.Connection[Any], context: RotationContext, slot: str) -> None:
-        """Refuse to touch any role but an unprivileged member of the group; create it if missing."""
-        group = context.config.tags[TAG_GROUP].strip()
+    def _check_group(self, conn: psycopg.Connection[Any], group: str) -> None:
         group_row = self._role(conn, group)
         if group_row is None:
             raise ConfigError(
@@ -230,9 +282,34 @@ class PostgresRotator:
             )
         if group_row[0] or group_row[1]:
             raise UnsafeOperation(f"group role {group} can log in or is privileged: refusing to use it")
+
+    def _check_slot(self, conn: psycopg.Connection[Any], group: str, slot: str) -> None:
+        """An existing slot must be an unprivileged login role, a member of the group, and not
+        the admin: the service never makes a role a login role, nor touches another kind."""
         admin_user = conn.execute("SELECT current_user").fetchone()
         if admin_user and admin_user[0] == slot:
             raise UnsafeOperation(f"slot {slot} is the admin role itself: refusing to rotate it")
+        row = self._role(conn, slot)
+        if row is None:
+            raise ConfigError(f"role {slot} does not exist")
+        if row[1]:
+            raise UnsafeOperation(
+                f"role {slot} is privileged (superuser, createrole, ...): refusing to rotate it"
+            )
+        if not row[0]:
+            raise UnsafeOperation(f"role {slot} cannot log in: refusing to make it a login role")
+        member = conn.execute(
+            "SELECT 1 FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid "
+            "JOIN pg_roles r ON r.oid = m.member WHERE g.rolname = %s AND r.rolname = %s",
+            (group, slot),
+        ).fetchone()
+        if member is None:
+            raise Refused(f"role {slot} is not a member of group {group}: refusing to rotate it")
+
+    def _ensure_slot_role(self, conn: psycopg.Connection[Any], context: RotationContext, slot: str) -> None:
+        """Refuse to touch any role but an unprivileged login member of the group; create it if missing."""
+        group = context.config.tags[TAG_GROUP].strip()
+        self._check_group(conn, group)
         row = self._role(conn, slot)
         if row is None:
             conn.execute(
@@ -245,21 +322,11 @@ class PostgresRotator:
             )
             logger.info("created login role %s in group %s", slot, group)
             return
-        if row[1]:
-            raise UnsafeOperation(
-                f"role {slot} is privileged (superuser, createrole, ...): refusing to rotate it"
-            )
-        member = conn.execute(
-            "SELECT 1 FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid "
-            "JOIN pg_roles r ON r.oid = m.member WHERE g.rolname = %s AND r.rolname = %s",
-            (group, slot),
-        ).fetchone()
-        if member is None:
-            raise UnsafeOperation(f"role {slot} is not a member of group {group}: refusing to rotate it")
+        self._check_slot(conn, group, slot)
 
     def _set_password(self, conn: psycopg.Connection[Any], role: str, password: str) -> None:
         conn.execute(
-            sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD {}").format(
+            sql.SQL("ALTER ROLE {} PASSWORD {}").format(
                 sql.Identifier(role), sql.Literal(scram_verifier(conn, password))
             )
         )

@@ -19,6 +19,7 @@ The identity needs the "Storage Account Key Operator Service Role" on the accoun
 message or the ledger: only the key name does.
 """
 
+import hmac
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -34,7 +35,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ra
 
 from rotators.base import NewCredential, RotationContext
 from shared.config import RotationConfig
-from shared.errors import ConfigError, UpstreamError, VerificationFailed
+from shared.errors import ConfigError, PossessionNotProven, UpstreamError, VerificationFailed
 from shared.retry import call_with_retry
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,25 @@ class StorageKeyRotator:
     def verify(self, context: RotationContext, value: str) -> None:
         account = _account(context.config)
         self._authenticate(context, account, _key_from(value, account.name))
+
+    def prove_possession(self, context: RotationContext, value: str) -> None:
+        """The value is the account's key on the current slot, as listKeys gives it."""
+        self.validate(context)
+        account, slot = _account(context.config), context.config.current_slot
+        try:
+            presented = _key_from(value, account.name)
+        except VerificationFailed as error:
+            raise PossessionNotProven(str(error)) from None
+        with self._management(context) as client:
+            keys = self._keys(
+                self._call(
+                    lambda: client.storage_accounts.list_keys(account.group, account.name),
+                    "list keys",
+                    account,
+                )
+            )
+        if not hmac.compare_digest(keys.get(slot, "").encode(), presented.encode()):
+            raise PossessionNotProven(f"the secret's value is not {account}'s {slot}")
 
     def retire(self, context: RotationContext, slot: str) -> None:
         self.validate(context)

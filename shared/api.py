@@ -56,6 +56,8 @@ _STATUS_FOR_OUTCOME = {
     outcomes.ROTATED: 200,
     outcomes.DRY_RUN_PASSED: 200,
     outcomes.ADOPTED: 200,
+    outcomes.BOUND: 200,
+    outcomes.REFUSED: 403,
     outcomes.IN_PROGRESS: 409,
     outcomes.DEFERRED: 409,
     outcomes.OUTSIDE_WINDOW: 409,
@@ -73,6 +75,7 @@ _HINTS = {
     outcomes.OUTSIDE_WINDOW: "send override_window: true to rotate outside the window",
     outcomes.ROTATION_FAILED: "consumers still hold the previous, working credential",
     outcomes.ROLLED_BACK: "the previous credential is current again; the new one was revoked",
+    outcomes.REFUSED: "nothing was changed upstream or in Key Vault",
 }
 
 
@@ -251,6 +254,16 @@ def adopt(
         tags[f"rotation-{field.replace('_', '-')}"] = value
     outcome = engine.adopt(vault, secret, tags, requested_by=caller)
     return _from_outcome(outcome)
+
+
+@_guard
+def bind(engine: RotationEngine, name: str, params: Mapping[str, str], body: bytes, caller: str) -> ApiResult:
+    """POST /secrets/{name}/bind: pin the secret's current tags as its upstream identity."""
+    secret = _name(name)
+    vault = _vault(engine, params)
+    if _json_body(body):
+        raise BadRequest(400, "invalid_body", "bind takes no body: it binds the tags the secret has now")
+    return _from_outcome(engine.bind(vault, secret, requested_by=caller))
 
 
 @_guard

@@ -76,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     for option, text in _ADOPT_OPTIONS:
         adopt.add_argument(f"--{option}", help=text)
 
+    bind = commands.add_parser(
+        "bind", help="pin a managed secret's current tags as its upstream identity (after a tag change)"
+    )
+    bind.add_argument("name")
+
     key_policy = commands.add_parser("key-policy", help="set a Key Vault key's rotation policy")
     key_policy.add_argument("name")
     for option, text in _KEY_POLICY_OPTIONS:
@@ -121,7 +126,7 @@ def _render(command: str, result: api.ApiResult) -> str:
             for key in (
                 "name", "vault", "managed", "rotator", "state", "step", "current_slot", "current_version",
                 "previous_version", "expires_on", "retire_after", "last_rotated_on", "last_outcome",
-                "last_error", "configuration_error",
+                "last_error", "configuration_error", "bound_by", "bound_on",
             )
             if body.get(key) not in (None, "")
         ]  # fmt: skip
@@ -169,6 +174,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         if not args.json:
             print(_table(rows, ("secret", "status", "message")) if rows else "nothing to do")
             return EXIT_OK
+    elif args.command == "bind":
+        result = api.bind(engine, args.name, params, b"", caller)
     else:
         fields = {
             option.replace("-", "_"): getattr(args, option.replace("-", "_")) for option, _ in _ADOPT_OPTIONS

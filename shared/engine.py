@@ -24,6 +24,7 @@ from shared.ledger import OVERLAP, ROTATING, Ledger, SecretState
 from shared.outcomes import (
     ADOPTED,
     ALREADY_MANAGED,
+    BOUND,
     DEFERRED,
     DROPPED,
     DRY_RUN_PASSED,
@@ -33,6 +34,7 @@ from shared.outcomes import (
     NOT_FOUND,
     NOT_MANAGED,
     OUTSIDE_WINDOW,
+    REFUSED,
     RETIRED,
     ROLLED_BACK,
     ROTATED,
@@ -49,6 +51,7 @@ from shared.windows import in_window
 __all__ = [
     "ADOPTED",
     "ALREADY_MANAGED",
+    "BOUND",
     "CHECKPOINTS",
     "DEFERRED",
     "DROPPED",
@@ -59,6 +62,7 @@ __all__ = [
     "NOT_FOUND",
     "NOT_MANAGED",
     "OUTSIDE_WINDOW",
+    "REFUSED",
     "RETIRED",
     "ROLLED_BACK",
     "ROTATED",
@@ -175,7 +179,7 @@ class RotationEngine:
         rt = self._rt
         vault_url = normalize_vault_url(vault_url)
         try:
-            validate_secret_name(name)
+            name = validate_secret_name(name).lower()
         except ConfigError as error:
             return logged(Outcome(INVALID, name[:128], str(error)))
         if not self.settings.vault_allowed(vault_url):
@@ -215,16 +219,21 @@ class RotationEngine:
             if not (due or emergency):
                 when = state.retire_after.isoformat() if state.retire_after else "?"
                 return logged(Outcome(DEFERRED, name, f"previous credential is in its overlap until {when}"))
-            retired = steps.retire(rt, state, current.properties.tags)
+            retired = steps.retire(rt, state, current.properties)
             if retired.status != RETIRED:
                 return retired
 
+        state = state or SecretState(vault_url=vault_url, name=name)
+        version = current.properties.version or ""
+        refusal = binding.admit(rt, state, client, config, version=version, value=current.value or "")
+        if refusal is not None:
+            return refusal
         return steps.start(
             rt,
-            state or SecretState(vault_url=vault_url, name=name),
+            state,
             client,
             config,
-            current.properties.version or "",
+            version,
             trigger=trigger,
             requested_by=requested_by,
             reason=reason,
@@ -237,6 +246,9 @@ class RotationEngine:
     ) -> Outcome:
         return binding.adopt(self._rt, vault_url, name, rotation_tags, requested_by)
 
+    def bind(self, vault_url: str, name: str, requested_by: str = "") -> Outcome:
+        return binding.bind(self._rt, vault_url, name, requested_by)
+
     def status(self, vault_url: str, name: str, history_limit: int = 10) -> dict[str, Any]:
         return inventory.status(self._rt, vault_url, name, history_limit)
 
@@ -244,7 +256,7 @@ class RotationEngine:
         return inventory.managed_secrets(self._rt, refresh=refresh)
 
     def retire_due(self, vault_url: str, name: str) -> Outcome:
-        state = self.ledger.get(normalize_vault_url(vault_url), name)
+        state = self.ledger.get(normalize_vault_url(vault_url), name.lower())
         if not state or state.state != OVERLAP:
             return Outcome(DROPPED, name, "nothing to retire")
         if state.retire_after and state.retire_after > self._rt.clock():

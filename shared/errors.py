@@ -59,3 +59,17 @@ class InvalidInput(ConfigError):
     """
 
     code = "invalid_input"
+
+
+class Refused(RotationError):
+    """The secret asks for something whoever wrote it could not do themselves (another team's
+    slot, an admin credential that does not serve it, tags that disagree with its binding).
+    Nothing was changed; an operator must act."""
+
+    code = "refused"
+
+
+class PossessionNotProven(Refused):
+    """The secret's current value does not authenticate upstream as its current slot."""
+
+    code = "possession_not_proven"

@@ -4,6 +4,7 @@ The list comes from the inventory the sweep keeps in the ledger (a vault listing
 it spends none of the vaults' Key Vault budget.
 """
 
+import json
 import logging
 from datetime import datetime, timedelta
 from typing import Any
@@ -51,6 +52,10 @@ def status(rt: Runtime, vault_url: str, name: str, history_limit: int = 10) -> d
         "last_outcome": state.last_outcome if state else "",
         "last_error": state.last_error if state else "",
         "attempts": state.attempts if state else 0,
+        "bound": bool(state and state.binding),
+        "bound_by": state.bound_by if state else "",
+        "bound_on": iso(state.bound_on) if state else None,
+        "binding": json.loads(state.binding) if state and state.binding else None,
         "history": [as_dict(record) for record in rt.ledger.history(vault_url, name, history_limit)],
     }
 
@@ -76,7 +81,7 @@ def managed_secrets(rt: Runtime, *, refresh: bool = False) -> tuple[list[dict[st
             items = record_inventory(rt, vault_url, listing, now, stored=None if refresh else items)
         as_of = min(as_of, listed_on)
         for item in items:
-            state = states.get((vault_url, item.name))
+            state = states.get((vault_url, item.name.lower()))
             rotated_since = state and state.last_rotated_on and state.last_rotated_on > listed_on
             rows.append(
                 {

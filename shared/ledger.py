@@ -6,6 +6,7 @@ conditional on its ETag, which is how a rotation claims a secret: of two
 concurrent claims exactly one succeeds. The ledger never holds a secret value.
 """
 
+import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import suppress
@@ -39,6 +40,15 @@ class ConcurrentUpdate(Exception):
 def vault_key(vault_url: str) -> str:
     """The vault's host (and port), a valid PartitionKey."""
     return urlsplit(vault_url).netloc.lower()
+
+
+def secret_key(name: str) -> str:
+    """Key Vault names are case-insensitive: `CASE-DB` and `case-db` are one secret, one row."""
+    return name.lower()
+
+
+def _history_partition(vault_url: str, name: str) -> str:
+    return f"{vault_key(vault_url)}|{secret_key(name)}"
 
 
 def _is_conflict(error: HttpResponseError) -> bool:
@@ -79,7 +89,21 @@ class SecretState:
     last_rotated_on: datetime | None = None
     history_key: str = ""
     step_timings: str = "{}"
+    # The upstream identity an operator bound (JSON of the bound tags), who bound it and when.
+    binding: str = ""
+    bound_by: str = ""
+    bound_on: datetime | None = None
+    # `<version>:<fingerprint>` of the refusal last reported, so it is reported once per version.
+    refused: str = ""
     etag: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        self.name = secret_key(self.name)
+
+    @property
+    def legacy(self) -> bool:
+        """Managed before bindings existed: rotated by this service, never bound."""
+        return not self.binding and bool(self.last_rotated_on or self.current_version)
 
     def lease_held(self, now: datetime) -> bool:
         """A live run holds this row: a rotation, or the retirement of an overlap."""
@@ -165,17 +189,25 @@ class InventoryItem:
 # vault was listed and into how many parts: 10,000 secrets are about 70 rows, written in one
 # transaction (at most 100 operations and 4 MiB) and read in one query.
 _LISTING = "listing"
+# A state-table partition no vault host can be (a host has no '~'): the ledger's own markers.
+_META = "~meta"
+_NAMES_MIGRATED = "names-migrated"
 _PART_CHARS = 30_000
 _BATCH = 100
 
 
 class Ledger:
     def __init__(
-        self, state_table: TableClient, history_table: TableClient, inventory_table: TableClient
+        self,
+        state_table: TableClient,
+        history_table: TableClient,
+        inventory_table: TableClient,
+        slots_table: TableClient,
     ) -> None:
         self._state = state_table
         self._history = history_table
         self._inventory = inventory_table
+        self._slots = slots_table
 
     @classmethod
     def from_service(cls, service: TableServiceClient, prefix: str = "rotation") -> "Ledger":
@@ -183,17 +215,19 @@ class Ledger:
             service.get_table_client(f"{prefix}state"),
             service.get_table_client(f"{prefix}history"),
             service.get_table_client(f"{prefix}inventory"),
+            service.get_table_client(f"{prefix}slots"),
         )
 
     def ensure_tables(self) -> None:
-        for table in (self._state, self._history, self._inventory):
+        for table in (self._state, self._history, self._inventory, self._slots):
             with suppress(ResourceExistsError):
                 call_with_retry(table.create_table, what="create ledger table")
 
     def get(self, vault_url: str, name: str) -> SecretState | None:
         try:
             entity = call_with_retry(
-                lambda: self._state.get_entity(vault_key(vault_url), name), what="read ledger row"
+                lambda: self._state.get_entity(vault_key(vault_url), secret_key(name)),
+                what="read ledger row",
             )
         except ResourceNotFoundError:
             return None
@@ -202,7 +236,7 @@ class Ledger:
 
     def save(self, state: SecretState) -> SecretState:
         """Write the row if nobody changed it since it was read; raise ConcurrentUpdate otherwise."""
-        entity = _to_entity(state, vault_key(state.vault_url), state.name)
+        entity = _to_entity(state, vault_key(state.vault_url), secret_key(state.name))
         try:
             if state.etag is None:
                 meta = call_with_retry(lambda: self._state.create_entity(entity), what="create ledger row")
@@ -229,17 +263,95 @@ class Ledger:
         else:
             query = self._state.list_entities()
         for entity in query:
-            yield _from_entity(SecretState, entity)
+            if entity["PartitionKey"] != _META:
+                yield _from_entity(SecretState, entity)
+
+    def claim_slots(self, upstream: str, slots: tuple[str, ...], owner: str) -> str:
+        """Record that `owner` (`vault|secret`) holds these slots of `upstream`; a slot already
+        held by another owner is not taken. Returns that other owner, or "" when all are held."""
+        partition = hashlib.sha256(upstream.encode()).hexdigest()[:32]
+        taken: list[str] = []
+        for slot in slots:
+            row = {"PartitionKey": partition, "RowKey": slot, "owner": owner, "upstream": upstream[:500]}
+            try:
+                call_with_retry(partial(self._slots.create_entity, row), what="claim slot")
+                taken.append(slot)
+            except ResourceExistsError:
+                held = call_with_retry(
+                    partial(self._slots.get_entity, partition, slot), what="read slot claim"
+                )
+                if held.get("owner") != owner:
+                    self.release_slots(upstream, tuple(taken), owner)
+                    return str(held.get("owner", "?"))
+        return ""
+
+    def release_slots(self, upstream: str, slots: tuple[str, ...], owner: str) -> None:
+        """Give up `owner`'s claims on these slots (a re-bind to other slots)."""
+        partition = hashlib.sha256(upstream.encode()).hexdigest()[:32]
+        for slot in slots:
+            with suppress(ResourceNotFoundError):
+                held = self._slots.get_entity(partition, slot)
+                if held.get("owner") == owner:
+                    self._slots.delete_entity(
+                        partition,
+                        slot,
+                        etag=held.metadata["etag"],
+                        match_condition=MatchConditions.IfNotModified,
+                    )
+
+    def migrate_names(self) -> int:
+        """Rows written before names were compared case-insensitively get their lower-case key,
+        once (a marker row says it was done). Where both spellings have a row, the one with a
+        rotation or an overlap open wins. Returns how many rows moved."""
+        with suppress(ResourceNotFoundError):
+            self._state.get_entity(_META, _NAMES_MIGRATED)
+            return 0
+        moved = 0
+        for entity in list(self._state.list_entities()):
+            row = entity["RowKey"]
+            if entity["PartitionKey"] == _META or row == secret_key(row):
+                continue
+            old: SecretState = _from_entity(SecretState, entity)
+            keep = self.get(old.vault_url or "https://" + entity["PartitionKey"], row)
+            if keep is None or (keep.state not in (ROTATING, OVERLAP) and old.state in (ROTATING, OVERLAP)):
+                target = _to_entity(old, entity["PartitionKey"], secret_key(row))
+                call_with_retry(
+                    partial(self._state.upsert_entity, target, mode=UpdateMode.REPLACE),
+                    what="migrate ledger row",
+                )
+            self._move_history(
+                f"{entity['PartitionKey']}|{row}", f"{entity['PartitionKey']}|{secret_key(row)}"
+            )
+            call_with_retry(
+                partial(self._state.delete_entity, entity["PartitionKey"], row),
+                what="remove migrated ledger row",
+            )
+            moved += 1
+        marker = {"PartitionKey": _META, "RowKey": _NAMES_MIGRATED}
+        call_with_retry(lambda: self._state.upsert_entity(marker), what="mark names migrated")
+        return moved
+
+    def _move_history(self, old_partition: str, new_partition: str) -> None:
+        query = self._history.query_entities("PartitionKey eq @pk", parameters={"pk": old_partition})
+        for entity in list(query):
+            copy = {**entity, "PartitionKey": new_partition}
+            call_with_retry(partial(self._history.upsert_entity, copy), what="migrate history")
+            call_with_retry(
+                partial(self._history.delete_entity, old_partition, entity["RowKey"]),
+                what="remove migrated history",
+            )
 
     def write_history(self, record: HistoryRecord, row_key: str) -> None:
-        entity = _to_entity(record, f"{vault_key(record.vault_url)}|{record.name}", row_key)
+        entity = _to_entity(record, _history_partition(record.vault_url, record.name), row_key)
         call_with_retry(
             lambda: self._history.upsert_entity(entity, mode=UpdateMode.REPLACE), what="write history"
         )
 
     def history(self, vault_url: str, name: str, limit: int = 20) -> list[HistoryRecord]:
         query = self._history.query_entities(
-            "PartitionKey eq @pk", parameters={"pk": f"{vault_key(vault_url)}|{name}"}, results_per_page=limit
+            "PartitionKey eq @pk",
+            parameters={"pk": _history_partition(vault_url, name)},
+            results_per_page=limit,
         )
         records: list[HistoryRecord] = []
         for entity in query:
@@ -247,6 +359,10 @@ class Ledger:
             if len(records) >= limit:
                 break
         return records
+
+    def rotations(self, vault_url: str, name: str, limit: int = 20) -> list[HistoryRecord]:
+        """The history without the operator's bindings: rotation attempts only."""
+        return [record for record in self.history(vault_url, name, limit) if record.trigger != "bind"]
 
     def inventory(self, vault_url: str) -> tuple[datetime | None, list[InventoryItem]]:
         """When the vault was last listed (None: never), and the managed secrets it then held."""

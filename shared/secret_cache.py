@@ -23,21 +23,22 @@ class SecretCache:
         self._ttl = ttl.total_seconds()
         self._clock = clock
         self._lock = threading.Lock()
-        self._values: dict[tuple[str, str], tuple[float, str]] = {}
+        self._values: dict[tuple[str, str], tuple[float, str, dict[str, str]]] = {}
 
-    def get(self, client: SecretClient, name: str, *, fresh: bool = False) -> str:
-        """The newest value of secret `name`, from the cache unless expired or `fresh`."""
-        key = (client.vault_url, name)
+    def get(self, client: SecretClient, name: str, *, fresh: bool = False) -> tuple[str, dict[str, str]]:
+        """The newest value and tags of secret `name`, from the cache unless expired or `fresh`."""
+        key = (client.vault_url, name.lower())
         now = self._clock()
         with self._lock:
             cached = self._values.get(key)
         if cached and not fresh and now - cached[0] < self._ttl:
-            return cached[1]
-        value = call_with_retry(lambda: client.get_secret(name), what="read admin secret").value or ""
+            return cached[1], cached[2]
+        secret = call_with_retry(lambda: client.get_secret(name), what="read admin secret")
+        value, tags = secret.value or "", dict(secret.properties.tags or {})
         if self._ttl > 0:
             with self._lock:
-                self._values[key] = (now, value)
-        return value
+                self._values[key] = (now, value, tags)
+        return value, tags
 
     def __repr__(self) -> str:
         return f"SecretCache(entries={len(self._values)})"

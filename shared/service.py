@@ -131,6 +131,7 @@ def build_engine(settings: Settings, **engine_options: Any) -> RotationEngine:
     engine_options.setdefault("notify", build_notifier(settings, credential))
     ledger = Ledger.from_service(tables, settings.ledger_table_prefix)
     ledger.ensure_tables()
+    ledger.migrate_names()  # one point read once migrated
     return RotationEngine(
         secret_client=secret_client,
         ledger=ledger,

@@ -21,11 +21,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
 from azure.core.exceptions import ResourceNotFoundError
-from azure.keyvault.secrets import KeyVaultSecret, SecretClient
+from azure.keyvault.secrets import KeyVaultSecret, SecretClient, SecretProperties
 
 from rotators import RotationContext, Rotator
+from shared import binding
 from shared.config import TAG_ROTATION_ID, RotationConfig, parse_config
-from shared.errors import ConfigError, RotationError, UnsafeOperation
+from shared.errors import ConfigError, Refused, RotationError, UnsafeOperation
 from shared.ledger import FAILED, IDLE, OVERLAP, ROTATING, ConcurrentUpdate, SecretState, history_key
 from shared.outcomes import (
     DRY_RUN_PASSED,
@@ -115,6 +116,7 @@ def resume(rt: Runtime, state: SecretState) -> Outcome:
     try:
         current = rt.get_secret(client, state.name)
         config = parse_config(current.properties.tags, rt.settings)
+        binding.check_bound(rt, state, config)
     except (ResourceNotFoundError, RotationError) as error:
         return fail(rt, state, error, None)
     if state.step == "rollback":
@@ -259,16 +261,20 @@ def rollback(
     return rt.tell(logged(outcome), state)
 
 
-def retire(rt: Runtime, state: SecretState, current_tags: dict[str, str] | None = None) -> Outcome:
+def retire(rt: Runtime, state: SecretState, current: SecretProperties | None = None) -> Outcome:
     """Revoke the previous slot once its overlap is over, and disable its Key Vault version.
 
-    `current_tags` are the newest version's tags when the caller has just read or listed
+    `current` is the newest version's properties when the caller has just read or listed
     them; otherwise they are read here."""
     client = rt.secret_client(state.vault_url)
     try:
-        if current_tags is None:
-            current_tags = rt.get_secret(client, state.name).properties.tags
-        config = parse_config(current_tags, rt.settings)
+        if current is None:
+            current = rt.get_secret(client, state.name).properties
+        config = parse_config(current.tags, rt.settings)
+        try:
+            binding.check_retire(rt, state, config, client, current.version or "")
+        except Refused as error:
+            return binding.refuse(rt, state, current.version or "", error)
         if config.current_slot == state.retire_slot:
             raise UnsafeOperation(
                 f"slot {state.retire_slot} is the one the newest version uses: refusing to retire it"
@@ -320,7 +326,7 @@ def fail(
     message = describe_error(error)
     state.last_error, state.last_attempt_on, state.lease_until = message, now, now
     written = state.step not in _BEFORE_WRITE
-    retryable = not isinstance(error, ConfigError | UnsafeOperation)
+    retryable = not isinstance(error, ConfigError | UnsafeOperation | Refused)
     logger.error("%s: rotation %s failed at step %s: %s", state.name, state.rotation_id, state.step, message)
     if written and retryable and state.attempts < rt.settings.max_attempts:
         # The new version is live: keep the rotation open so the next trigger finishes it.

@@ -33,16 +33,14 @@ def sweep(rt: Runtime, rotate: Callable[..., Outcome]) -> list[Outcome]:
     listed: dict[tuple[str, str], SecretProperties] = {}
     for vault_url in sorted(rt.settings.allowed_vaults):
         properties = list_secrets(rt, vault_url)
-        listed.update(((vault_url, props.name or ""), props) for props in properties)
+        listed.update(((vault_url, (props.name or "").lower()), props) for props in properties)
         record_inventory(rt, vault_url, properties, now)
     work: list[tuple[str, Callable[[], Outcome]]] = []
     for key, state in states.items():
         if not rt.settings.vault_allowed(state.vault_url) or state.lease_held(now):
             continue
         if state.state == OVERLAP and state.retire_after and state.retire_after <= now:
-            seen = listed.get(key)
-            tags = (seen.tags or {}) if seen else None
-            work.append((state.name, partial(steps.retire, rt, state, tags)))
+            work.append((state.name, partial(steps.retire, rt, state, listed.get(key))))
         elif state.state == ROTATING:
             work.append((state.name, partial(steps.resume, rt, state)))
     horizon = now + rt.settings.sweep_lead_time
@@ -50,6 +48,7 @@ def sweep(rt: Runtime, rotate: Callable[..., Outcome]) -> list[Outcome]:
         due = _due_for_rotation(
             rt,
             enabled=props.enabled,
+            version=props.version or "",
             tags=props.tags,
             expires_on=props.expires_on,
             state=states.get((vault_url, name)),
@@ -89,6 +88,7 @@ def _due_for_rotation(
     rt: Runtime,
     *,
     enabled: bool | None,
+    version: str,
     tags: dict[str, str] | None,
     expires_on: datetime | None,
     state: SecretState | None,
@@ -98,6 +98,8 @@ def _due_for_rotation(
     if not enabled or not is_managed(tags) or not expires_on or expires_on > horizon:
         return False
     if state and state.state in (ROTATING, OVERLAP):
+        return False
+    if state and state.refused.startswith(f"{version}:"):  # refused and reported: an operator acts
         return False
     failed_recently = (
         state is not None

@@ -172,7 +172,7 @@ def test_near_expiry_event_rotates_and_the_sweeper_retires_the_old_key(
     state = ledger.get(stack.vault.vault_url, unique)
     assert state is not None
     assert (state.state, state.current_slot, state.last_outcome) == (IDLE, "secondary", "rotated")
-    (record,) = ledger.history(stack.vault.vault_url, unique)
+    (record,) = ledger.rotations(stack.vault.vault_url, unique)
     assert record.outcome == "rotated"
     assert record.retired_on is not None
     assert record.new_version == newest.properties.version
@@ -236,7 +236,7 @@ def test_duplicate_and_stale_events_change_nothing(
     assert versions(vault, unique) == rotated
     assert len(rotated) == 2
     assert sorted(vendors.default.keys(managed.admin_key)) == keys_after_rotation
-    assert len(service.engine().ledger.history(stack.vault.vault_url, unique)) == 1
+    assert len(service.engine().ledger.rotations(stack.vault.vault_url, unique)) == 1
 
 
 # ------------------------------------------------------------------ crashes at every step
@@ -302,7 +302,7 @@ def test_a_crash_at_any_step_is_finished_by_the_next_trigger(
     state = engine.ledger.get(stack.vault.vault_url, unique)
     assert state is not None
     assert (state.state, state.last_outcome) == (IDLE, "rotated")
-    (record,) = engine.ledger.history(stack.vault.vault_url, unique)
+    (record,) = engine.ledger.rotations(stack.vault.vault_url, unique)
     assert record.retired_on is not None
     resumed = point in ROTATION_POINTS and point != "after:finish"
     assert record.attempts == (2 if resumed else 1)
@@ -448,7 +448,8 @@ def test_adopt_checks_the_key_and_the_slots_and_a_rotation_follows(
 ) -> None:
     api = vendors.default
     admin_key = api.add_account()
-    vault.set_secret(f"{unique}-admin", admin_key)  # a bare admin key works too
+    # A bare admin key works too; its owner lets it serve this secret.
+    vault.set_secret(f"{unique}-admin", admin_key, tags={"rotation-admin-for": unique})
     vendors.secrets += [unique, f"{unique}-admin"]
     _key_id, key = api.issue(admin_key, "primary")
     vault.set_secret(unique, key, expires_on=soon(60))  # a bare key, as many apps keep one
@@ -461,9 +462,9 @@ def test_adopt_checks_the_key_and_the_slots_and_a_rotation_follows(
         "rotation-admin-secret": f"{unique}-admin",
     }
     refused = engine.adopt(stack.vault.vault_url, unique, tags)
-    assert (refused.status, refused.message) == (
-        "misconfigured",
-        "no key named secondary (the current slot) at the vendor",
+    assert refused.status == "refused"
+    assert refused.message.startswith("key ") and refused.message.endswith(
+        "is not the vendor's key on slot secondary"
     )
 
     adopted = engine.adopt(stack.vault.vault_url, unique, {**tags, "rotation-current-slot": "primary"})

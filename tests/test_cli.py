@@ -1,9 +1,11 @@
 """The operator CLI, against the local stack, with the same settings as the Function App."""
 
 import json
+import secrets
 
 import pytest
 from azure.keyvault.secrets import SecretClient
+from psycopg import sql
 
 from devstack.stack import ADMIN_SECRET, APP_DATABASE, LocalStack, provision_postgres_secret
 from shared.cli import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, run
@@ -64,7 +66,10 @@ def test_refusals_and_failures_have_exit_codes(unique: str, capsys: pytest.Captu
 def test_upstream_failure_exits_1(
     stack: LocalStack, vault: SecretClient, unique: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    vault.set_secret(f"{unique}-admin", json.dumps({"username": "nobody", "password": "wrong"}))
+    # Bound with a working admin credential, which then stops working.
+    admin = {"username": stack.postgres.admin_user, "password": stack.postgres.admin_password}
+    grant = {"rotation-admin-for": unique}
+    vault.set_secret(f"{unique}-admin", json.dumps(admin), tags=grant)
     provision_postgres_secret(
         stack,
         unique,
@@ -72,6 +77,7 @@ def test_upstream_failure_exits_1(
         expires_on=soon(100),
         extra_tags={"rotation-admin-secret": f"{unique}-admin"},
     )
+    vault.set_secret(f"{unique}-admin", json.dumps({"username": "nobody", "password": "wrong"}), tags=grant)
     assert run(["rotate", unique]) == EXIT_FAILED
     assert "error (502 failed)" in capsys.readouterr().err
 
@@ -84,17 +90,39 @@ def test_sweep_and_adopt(
     out = capsys.readouterr().out
     assert any(line.startswith(unique) and "rotated" in line for line in out.splitlines())
 
-    plain = f"{unique}-adopted"
-    value = json.loads(vault.get_secret(unique).value or "{}")
+    # An existing login an operator puts under rotation (its own roles: a slot serves one secret).
+    plain, group = f"{unique}-adopted", f"{unique}a"
+    value = login_role(stack, group, f"{group}_blue")
     vault.set_secret(plain, json.dumps(value))
     code = run(
         [
             "adopt", plain, "--rotator", "postgres",
             "--target", f"{stack.postgres.host}:{stack.postgres.port}/{APP_DATABASE}",
-            "--slots", f"{unique}_blue,{unique}_green", "--current-slot", str(value["username"]),
-            "--pg-group", unique, "--admin-secret", ADMIN_SECRET,
+            "--slots", f"{group}_blue,{group}_green", "--current-slot", f"{group}_blue",
+            "--pg-group", group, "--admin-secret", ADMIN_SECRET,
         ]
     )  # fmt: skip
     assert code == EXIT_OK, capsys.readouterr().err
-    assert capsys.readouterr().out.startswith("adopted: current credential verified")
-    assert (vault.get_secret(plain).properties.tags or {})["rotation-pg-group"] == unique
+    assert capsys.readouterr().out.startswith("adopted: current credential proven and bound")
+    assert (vault.get_secret(plain).properties.tags or {})["rotation-pg-group"] == group
+
+
+def login_role(stack: LocalStack, group: str, role: str) -> dict[str, object]:
+    """A group and a login role in it, made by hand as a DBA would; the role's credential."""
+    password = secrets.token_urlsafe(24)
+    with stack.postgres.admin_connect() as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(group)))
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
+                sql.Identifier(role), sql.Literal(password), sql.Identifier(group)
+            )
+        )
+    pg = stack.postgres
+    return {
+        "engine": "postgres",
+        "host": pg.host,
+        "port": pg.port,
+        "dbname": APP_DATABASE,
+        "username": role,
+        "password": password,
+    }

@@ -93,7 +93,7 @@ def test_a_crash_at_any_step_is_finished_by_the_next_trigger(
     state = engine.ledger.get(stack.vault.vault_url, unique)
     assert state is not None
     assert (state.state, state.last_outcome) == (IDLE, "rotated")
-    history = engine.ledger.history(stack.vault.vault_url, unique)
+    history = engine.ledger.rotations(stack.vault.vault_url, unique)
     assert len(history) == 1
     assert history[0].retired_on is not None
     # A crash once the rotation finished leaves nothing to resume: the redelivered event is stale.
@@ -147,7 +147,7 @@ def test_a_failing_consumer_probe_rolls_back(
     assert state is not None
     assert (state.state, state.last_outcome) == (IDLE, "rolled_back")
     assert "consumer probe failed" in state.last_error
-    (record,) = engine.ledger.history(stack.vault.vault_url, unique)
+    (record,) = engine.ledger.rotations(stack.vault.vault_url, unique)
     assert record.outcome == "rolled_back"
 
 
@@ -166,7 +166,7 @@ def test_emergency_rotation_retires_the_old_credential_at_once(
     state = engine.ledger.get(stack.vault.vault_url, unique)
     assert state is not None
     assert state.state == IDLE
-    (record,) = engine.ledger.history(stack.vault.vault_url, unique)
+    (record,) = engine.ledger.rotations(stack.vault.vault_url, unique)
     assert record.emergency
     assert record.reason == "leak"
     assert record.retired_on is not None

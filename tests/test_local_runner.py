@@ -110,7 +110,7 @@ def test_emulator_event_reaches_the_function_through_the_webhook_and_rotates(
     assert new["username"] == managed.slots[1]
     assert can_login(stack, new)
     assert can_login(stack, old)  # the overlap is an hour
-    history = service.engine().ledger.history(stack.vault.vault_url, unique)
+    history = service.engine().ledger.rotations(stack.vault.vault_url, unique)
     assert [(r.trigger, r.outcome) for r in history] == [("event:SecretNearExpiry", "rotated")]
 
 
@@ -274,7 +274,7 @@ def test_the_sweeper_timer_rotates_a_secret_whose_event_never_came(
             assert time.monotonic() < deadline, "the sweeper timer did not rotate the secret"
             time.sleep(0.2)
     assert can_login(stack, json.loads(vault.get_secret(unique).value or "{}"))
-    history = service.engine().ledger.history(stack.vault.vault_url, unique)
+    history = service.engine().ledger.rotations(stack.vault.vault_url, unique)
     assert [(r.trigger, r.requested_by) for r in history] == [("sweep", "timer")]
 
 

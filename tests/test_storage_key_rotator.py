@@ -153,7 +153,7 @@ def test_near_expiry_event_rotates_to_key2_and_the_sweeper_regenerates_key1(
     state = ledger.get(stack.vault.vault_url, unique)
     assert state is not None
     assert (state.state, state.current_slot, state.last_outcome) == (IDLE, "key2", "rotated")
-    (record,) = ledger.history(stack.vault.vault_url, unique)
+    (record,) = ledger.rotations(stack.vault.vault_url, unique)
     assert record.outcome == "rotated"
     assert record.retired_on is not None
     assert record.new_version == newest.properties.version
@@ -177,7 +177,7 @@ def test_duplicate_and_stale_events_change_nothing(
 
     assert len(versions(vault, unique)) == 2
     assert storage.keys(account) == keys
-    assert len(service.engine().ledger.history(stack.vault.vault_url, unique)) == 1
+    assert len(service.engine().ledger.rotations(stack.vault.vault_url, unique)) == 1
     assert authenticates(storage, account, vault.get_secret(unique).value or "")
 
 
@@ -242,7 +242,7 @@ def test_a_crash_at_any_step_is_finished_by_the_next_trigger(
     state = engine.ledger.get(stack.vault.vault_url, unique)
     assert state is not None
     assert (state.state, state.last_outcome) == (IDLE, "rotated")
-    (record,) = engine.ledger.history(stack.vault.vault_url, unique)
+    (record,) = engine.ledger.rotations(stack.vault.vault_url, unique)
     assert record.retired_on is not None
 
 

@@ -116,7 +116,7 @@ def test_a_plugin_credential_is_rotated_by_an_event_with_no_change_to_the_servic
         state = ledger.get(stack.vault.vault_url, unique)
         assert state is not None
         assert (state.state, state.current_slot, state.last_outcome) == (IDLE, "green", "rotated")
-        (record,) = ledger.history(stack.vault.vault_url, unique)
+        (record,) = ledger.rotations(stack.vault.vault_url, unique)
         assert record.retired_on is not None
     finally:
         vault.begin_delete_secret(unique)  # once the plug-in is gone, nothing could rotate it

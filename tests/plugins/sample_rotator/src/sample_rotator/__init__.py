@@ -1,7 +1,7 @@
 """A sample third-party rotator: tokens issued by an in-process token service.
 
 It shows the whole contract a plug-in implements (validate, prepare_slots, create,
-verify, retire on two named slots) and how it registers: an entry point in the
+verify, prove_possession, retire on two named slots) and how it registers: an entry point in the
 `secret_rotation.rotators` group, named after the `rotation-rotator` tag value.
 Its "upstream" is the small registry below, so a test in the same process can
 check which tokens work; a real plug-in would call its vendor here.
@@ -17,7 +17,7 @@ import secrets
 import threading
 
 from rotators.base import NewCredential, RotationContext
-from shared.errors import ConfigError, VerificationFailed
+from shared.errors import ConfigError, PossessionNotProven, VerificationFailed
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,17 @@ class SampleTokenRotator:
             raise VerificationFailed("the credential is not the JSON this rotator writes") from None
         if not isinstance(token, str) or not authenticates(token):
             raise VerificationFailed("the token does not authenticate")
+
+    def prove_possession(self, context: RotationContext, value: str) -> None:
+        """The value is the live token of the current slot."""
+        try:
+            token = json.loads(value)["token"]
+        except (ValueError, KeyError, TypeError):
+            raise PossessionNotProven("the value is not the JSON this rotator writes") from None
+        with _lock:
+            live = _issued.get((_realm(context), context.config.current_slot), "")
+        if not isinstance(token, str) or not live or not secrets.compare_digest(token, live):
+            raise PossessionNotProven(f"the value is not the token of slot {context.config.current_slot}")
 
     def retire(self, context: RotationContext, slot: str) -> None:
         if not revoke(_realm(context), slot):
