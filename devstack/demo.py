@@ -79,11 +79,16 @@ def run(stack: LocalStack, host: LocalFunctionHost, overlap: str, deadline: floa
     ledger: Ledger = service.engine().ledger
     vault_url = stack.vault.vault_url
 
-    expires = datetime.now(UTC) + timedelta(days=29)
-    managed = provision_postgres_secret(stack, SECRET, prefix="orders", expires_on=expires, overlap=overlap)
+    # Provisioned (and bound by its operator) far from expiry, then brought near it: Key Vault's
+    # SecretNearExpiry comes after the binding, as it does for a secret adopted in good time.
+    far = datetime.now(UTC) + timedelta(days=120)
+    managed = provision_postgres_secret(stack, SECRET, prefix="orders", expires_on=far, overlap=overlap)
     first = managed.first_version
     old = json.loads(first.value or "{}")
     say(f"1. Provisioned secret {SECRET!r}: version {first.properties.version}, login role {old['username']}")
+    say("   bound by its operator: rotator, target, slots and group pinned in the ledger")
+    expires = datetime.now(UTC) + timedelta(days=29)
+    vault.update_secret_properties(SECRET, first.properties.version, expires_on=expires)
     say(f"   expires {expires:%Y-%m-%d} (29 days): Key Vault's SecretNearExpiry is due now")
     say(f"   old credential logs in: {yes(logs_in(old))}")
 
@@ -127,7 +132,7 @@ def run(stack: LocalStack, host: LocalFunctionHost, overlap: str, deadline: floa
     old_ok = logs_in(old)
     say(f"   old credential logs in: {yes(old_ok)}; new credential logs in: {yes(logs_in(new))}")
     say(f"   status: state={state.state} current_slot={state.current_slot} last_outcome={state.last_outcome}")
-    record = ledger.history(vault_url, SECRET)[0]
+    record = ledger.rotations(vault_url, SECRET)[0]
     timings = json.loads(record.step_timings)
     steps = ", ".join(f"{step} {timings[step]:.0f} ms" for step in STEPS if step in timings)
     say(f"   history: trigger={record.trigger} outcome={record.outcome} steps: {steps}")

@@ -34,6 +34,7 @@ from rotators.base import TAG_ADMIN_FOR
 
 APP_DATABASE = "appdb"
 ADMIN_SECRET = "pg-admin"
+_SERVICE_SETTINGS = ("ROTATION_", "KEYVAULT_", "LEDGER_")
 
 
 class LocalStack:
@@ -103,15 +104,16 @@ class LocalStack:
         from shared import service  # noqa: PLC0415 - the stand-ins themselves need none of the service
         from shared.settings import Settings  # noqa: PLC0415
 
+        # The settings the service in this process runs with (a test may point it at its own
+        # stand-ins or ledger tables), except that the operator of this stack may reach all of it.
         settings = self.app_settings()
-        # The operator of this stack may reach all of it, whatever a test allows the service.
+        settings |= {key: value for key, value in os.environ.items() if key.startswith(_SERVICE_SETTINGS)}
         settings["ROTATION_ALLOWED_TARGETS"] = "127.0.0.1,*.blob.core.windows.net:443"
-        # The ledger the service in this process uses (a benchmark keeps its own tables).
-        prefix = settings["LEDGER_TABLE_PREFIX"] = os.environ.get("LEDGER_TABLE_PREFIX", "rotation")
+        key = json.dumps(settings, sort_keys=True)
         with self._binder_lock, app_environment(settings):
-            if prefix not in self._binders:
-                self._binders[prefix] = service.build_engine(Settings.from_env(settings), notify=None)
-            outcome = self._binders[prefix].bind(
+            if key not in self._binders:
+                self._binders[key] = service.build_engine(Settings.from_env(settings), notify=None)
+            outcome = self._binders[key].bind(
                 self.vault.vault_url, name, requested_by="devstack provisioning"
             )
         return str(outcome.status)

@@ -165,7 +165,12 @@ def admit(
     except ConcurrentUpdate:
         return logged(Outcome(IN_PROGRESS, state.name, "a rotation of this secret is in progress"))
     except RotationError as error:
-        return logged(Outcome(ROTATION_FAILED, state.name, describe_error(error), retryable=True))
+        # Nothing changed, but the sweep backs off as after any failure, and someone is told.
+        state.last_outcome, state.last_error = ROTATION_FAILED, describe_error(error)
+        state.last_attempt_on = rt.clock()
+        rt.save_quietly(state)
+        outcome = Outcome(ROTATION_FAILED, state.name, state.last_error, retryable=True)
+        return rt.tell(logged(outcome), state)
     return None
 
 
@@ -205,16 +210,21 @@ def bind(rt: Runtime, vault_url: str, name: str, requested_by: str) -> Outcome:
         current = rt.get_secret(client, name)
     except ResourceNotFoundError:
         return logged(Outcome(NOT_FOUND, name, "no such secret in the vault"))
-    state = rt.ledger.get(vault_url, name) or SecretState(vault_url=vault_url, name=name)
-    if state.state in (ROTATING, OVERLAP):
-        return logged(
-            Outcome(IN_PROGRESS, name, f"the secret is {state.state}: bind it once the overlap is retired")
-        )
     try:
         config = parse_config(current.properties.tags, rt.settings)
         rt.rotators.get(config.rotator).validate(rt.context(config, client, name))
         prove_possession(rt, config, client, name, current.value or "")
-        summary = _bind(rt, state, config, requested_by or "operator")
+        for attempt in range(3):  # a sweep may record a refusal of this secret meanwhile
+            state = rt.ledger.get(vault_url, name) or SecretState(vault_url=vault_url, name=name)
+            if state.state in (ROTATING, OVERLAP):
+                message = f"the secret is {state.state}: bind it once the overlap is retired"
+                return logged(Outcome(IN_PROGRESS, name, message))
+            try:
+                summary = _bind(rt, state, config, requested_by or "operator")
+                break
+            except ConcurrentUpdate:
+                if attempt == 2:
+                    raise
     except Refused as error:
         return logged(Outcome(REFUSED, name, str(error)))
     except ConfigError as error:

@@ -50,7 +50,8 @@ def test_hostile_tags_change_nothing(
 
     assert [p.version for p in vault.list_properties_of_secret_versions(unique)] == [first]
     assert roles_like(stack, unique) == before
-    assert service.engine().ledger.get(stack.vault.vault_url, unique) is None
+    state = service.engine().ledger.get(stack.vault.vault_url, unique)
+    assert state is not None and (state.rotation_id, state.state) == ("", "idle")  # bound, never claimed
     refusals = [r.getMessage() for r in caplog.records if f"{unique}: misconfigured" in r.getMessage()]
     assert len(refusals) == 1
     assert expected in refusals[0]

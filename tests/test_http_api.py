@@ -219,11 +219,14 @@ def test_bad_bodies_change_nothing(
 def test_upstream_failure_is_502_and_consumers_keep_working(
     stack: LocalStack, vault: SecretClient, unique: str
 ) -> None:
-    broken_admin = f"{unique}-admin"
-    vault.set_secret(broken_admin, json.dumps({"username": stack.postgres.admin_user, "password": "wrong"}))
+    broken_admin, grant = f"{unique}-admin", {"rotation-admin-for": unique}
+    admin = {"username": stack.postgres.admin_user, "password": stack.postgres.admin_password}
+    vault.set_secret(broken_admin, json.dumps(admin), tags=grant)
     provision_postgres_secret(
         stack, unique, prefix=unique, expires_on=soon(200), extra_tags={"rotation-admin-secret": broken_admin}
     )
+    # Bound while the admin credential worked; then it stops working.
+    vault.set_secret(broken_admin, json.dumps({**admin, "password": "wrong"}), tags=grant)
     before = credential(vault, unique)
     response = rotate(unique)
     assert response.status_code == 502

@@ -108,7 +108,8 @@ def test_a_rotated_admin_password_costs_one_failed_login_not_an_outage(
             conn.execute(
                 sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(admin_role), sql.Literal(password))
             )
-        vault.set_secret(admin_secret, json.dumps({"username": admin_role, "password": password}))
+        value = json.dumps({"username": admin_role, "password": password})
+        vault.set_secret(admin_secret, value, tags={"rotation-admin-for": unique})
 
     with stack.postgres.admin_connect() as conn:
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN CREATEROLE").format(sql.Identifier(admin_role)))

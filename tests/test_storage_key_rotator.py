@@ -63,6 +63,7 @@ def connection_string(storage: ArmStorageStandIn, account: str, key: str) -> str
 
 
 def provision(
+    stack: LocalStack,
     storage: ArmStorageStandIn,
     vault: SecretClient,
     name: str,
@@ -85,7 +86,9 @@ def provision(
         **(tags or {}),
     }
     value = connection_string(storage, account, key1) if value_format == "connection-string" else key1
-    return vault.set_secret(name, value, tags=all_tags, expires_on=soon(20), content_type="text/plain")
+    first = vault.set_secret(name, value, tags=all_tags, expires_on=soon(20), content_type="text/plain")
+    stack.operator_bind(name)
+    return first
 
 
 def authenticates(storage: ArmStorageStandIn, account: str, value: str) -> bool:
@@ -117,7 +120,7 @@ def test_near_expiry_event_rotates_to_key2_and_the_sweeper_regenerates_key1(
     engine_with: object,
 ) -> None:
     # Given a secret holding key1 of a storage account, 20 days from expiry
-    first = provision(storage, vault, unique, account)
+    first = provision(stack, storage, vault, unique, account)
     clock = TestClock()
     engine_with(clock=clock.now)  # type: ignore[operator]
     old = first.value or ""
@@ -162,7 +165,7 @@ def test_near_expiry_event_rotates_to_key2_and_the_sweeper_regenerates_key1(
 def test_duplicate_and_stale_events_change_nothing(
     stack: LocalStack, storage: ArmStorageStandIn, vault: SecretClient, unique: str, account: str
 ) -> None:
-    first = provision(storage, vault, unique, account)
+    first = provision(stack, storage, vault, unique, account)
     stale = stack.vault.events_for(unique)
     event = [stack.vault.events_for(unique)]
     deliver_event(event)
@@ -206,7 +209,7 @@ def test_a_crash_at_any_step_is_finished_by_the_next_trigger(
     engine_with: object,
     point: str,
 ) -> None:
-    first = provision(storage, vault, unique, account)
+    first = provision(stack, storage, vault, unique, account)
     old = first.value or ""
     clock = TestClock()
     hook = CrashOnce(storage, vault, unique, account, point)
@@ -269,7 +272,12 @@ def test_a_failing_consumer_probe_rolls_back_and_regenerates_the_new_key(
     Thread(target=server.serve_forever, daemon=True).start()
     try:
         first = provision(
-            storage, vault, unique, account, tags={"rotation-probes": f"http://127.0.0.1:{port}/health"}
+            stack,
+            storage,
+            vault,
+            unique,
+            account,
+            tags={"rotation-probes": f"http://127.0.0.1:{port}/health"},
         )
         allowed = f"{os.environ['ROTATION_ALLOWED_TARGETS']},127.0.0.1:{port}"
         engine: RotationEngine = engine_with(  # type: ignore[operator]
@@ -302,7 +310,7 @@ def test_connection_string_format_end_to_end_and_emergency_rotation(
     account: str,
     engine_with: object,
 ) -> None:
-    first = provision(storage, vault, unique, account, overlap="P1D", value_format="connection-string")
+    first = provision(stack, storage, vault, unique, account, overlap="P1D", value_format="connection-string")
     engine: RotationEngine = engine_with()  # type: ignore[operator]
     deliver_event([stack.vault.events_for(unique)])
 
@@ -329,7 +337,7 @@ def test_connection_string_format_end_to_end_and_emergency_rotation(
 def test_transient_arm_failures_are_retried(
     stack: LocalStack, storage: ArmStorageStandIn, vault: SecretClient, unique: str, account: str
 ) -> None:
-    provision(storage, vault, unique, account)
+    provision(stack, storage, vault, unique, account)
     storage.inject_fault(429, times=1, path_contains="/regenerateKey", retry_after=0)
     storage.inject_fault(503, times=1, path_contains="/regenerateKey")
     try:
@@ -344,7 +352,7 @@ def test_transient_arm_failures_are_retried(
 def test_an_identity_without_the_key_operator_role_fails_cleanly(
     stack: LocalStack, storage: ArmStorageStandIn, vault: SecretClient, unique: str, account: str
 ) -> None:
-    first = provision(storage, vault, unique, account)
+    first = provision(stack, storage, vault, unique, account)
     keys = storage.keys(account)
     storage.inject_fault(403, times=20, path_contains="/regenerateKey")
     try:
@@ -391,8 +399,8 @@ def test_adopt_refuses_an_account_without_shared_key_access(
     outcome = service.engine().adopt(
         stack.vault.vault_url, unique, {"rotation-rotator": "storage-key", "rotation-target": resource_id}
     )
-    assert outcome.status == "failed"
-    assert "KeyBasedAuthenticationNotPermitted" in outcome.message
+    assert outcome.status == "misconfigured"
+    assert "does not allow shared key access" in outcome.message
     assert not (vault.get_secret(unique).properties.tags or {})
 
 
