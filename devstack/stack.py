@@ -108,7 +108,8 @@ class LocalStack:
         # stand-ins or ledger tables), except that the operator of this stack may reach all of it.
         settings = self.app_settings()
         settings |= {key: value for key, value in os.environ.items() if key.startswith(_SERVICE_SETTINGS)}
-        settings["ROTATION_ALLOWED_TARGETS"] = "127.0.0.1,*.blob.core.windows.net:443"
+        allowed = settings.get("ROTATION_ALLOWED_TARGETS", "")
+        settings["ROTATION_ALLOWED_TARGETS"] = f"{allowed},127.0.0.1,*.blob.core.windows.net:443"
         key = json.dumps(settings, sort_keys=True)
         with self._binder_lock, app_environment(settings):
             if key not in self._binders:

@@ -95,6 +95,7 @@ def test_a_plugin_credential_is_rotated_by_an_event_with_no_change_to_the_servic
     first = vault.set_secret(
         unique, old_value, tags=tags, expires_on=soon(20), content_type="application/json"
     )
+    assert stack.operator_bind(unique) == "bound"  # the plug-in proves the token holds slot blue
     try:
         # When Key Vault's SecretNearExpiry event arrives
         deliver_event([stack.vault.events_for(unique)])
