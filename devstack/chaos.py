@@ -393,7 +393,7 @@ class StorageKeyKind:
         self._accounts: dict[str, str] = {}
 
     def extra_env(self, env: dict[str, str]) -> dict[str, str]:
-        allowed = f"{env['ROTATION_ALLOWED_TARGETS']},{self._prefix}*.blob.core.windows.net:443"
+        allowed = f"{env['ROTATION_ALLOWED_TARGETS']},*.blob.core.windows.net:443"
         return {"ROTATION_ALLOWED_TARGETS": allowed}
 
     def close(self) -> None:
