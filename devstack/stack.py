@@ -83,6 +83,8 @@ class LocalStack:
             # Storage accounts are allowed one by one (`<account>.blob.core.windows.net:443`).
             "ROTATION_ALLOWED_TARGETS": f"127.0.0.1:{self.postgres.port},127.0.0.1:{self.vendor.port}",
             "ROTATION_POSTGRES_SSLMODE": "disable",
+            # Every stand-in listens on loopback, which targets may otherwise never reach.
+            "ROTATION_ALLOWED_NETWORKS": "127.0.0.0/8",
             "KEYVAULT_CA_BUNDLE": str(self.vault.ca_path),
             "ROTATION_UPSTREAM_CA_BUNDLE": str(self.vault.ca_path),
             "ROTATION_ARM_ENDPOINT": self.storage.arm_endpoint,

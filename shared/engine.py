@@ -19,8 +19,6 @@ credential that authenticates upstream.
 
 import logging
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +33,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.keyvault.secrets import KeyVaultSecret, SecretClient, SecretProperties
 
 from rotators import RotationContext, Rotator, RotatorRegistry
+from shared import reach
 from shared.config import (
     TAG_ROTATION_ID,
     TAG_ROTATOR,
@@ -128,22 +127,8 @@ def describe_error(error: BaseException) -> str:
 
 
 def http_probe(url: str, deadline_seconds: float) -> None:
-    """Succeed once `url` answers 2xx; raise after the deadline."""
-    deadline = time.monotonic() + deadline_seconds
-    last = "no answer"
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - allow-listed http(s)
-                if 200 <= response.status < 300:
-                    return
-                last = f"HTTP {response.status}"
-        except urllib.error.HTTPError as error:
-            last = f"HTTP {error.code}"
-        except (urllib.error.URLError, OSError) as error:
-            last = type(error).__name__
-        if time.monotonic() >= deadline:
-            raise RotationError(f"consumer probe {url} did not succeed: {last}")
-        time.sleep(1)
+    """shared.reach.http_probe with settings from the environment; build_engine passes its own."""
+    reach.http_probe(Settings.from_env(), url, deadline_seconds)
 
 
 class RotationEngine:
