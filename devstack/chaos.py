@@ -275,7 +275,7 @@ class PostgresKind:
     def authenticate(self, value: str) -> Auth:
         credential = json.loads(value)
         try:
-            user = session_user(credential, connect_timeout=3)
+            user = session_user(credential, self._stack.postgres.ca_path, connect_timeout=3)
         except psycopg.OperationalError as error:
             # 28P01 invalid_password, 28000 invalid_authorization_specification
             refused = error.sqlstate in ("28P01", "28000") or "authentication failed" in str(error)

@@ -177,6 +177,11 @@ class Settings:
     def __post_init__(self) -> None:
         for pattern in (*self.allowed_targets, *(p for ps in self.vault_targets.values() for p in ps)):
             check_target_pattern(pattern)
+        if self.postgres_sslmode not in POSTGRES_SSLMODES:
+            raise ConfigError(
+                f"ROTATION_POSTGRES_SSLMODE {self.postgres_sslmode[:20]!r}: only verify-full or verify-ca, "
+                "which check the server's certificate"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
