@@ -234,11 +234,20 @@ def test_per_vault_allow_lists() -> None:
         ("ROTATION_MAX_ATTEMPTS", "٣"),
         ("ROTATION_MAX_ATTEMPTS", "0"),
         ("ROTATION_SWEEP_CONCURRENCY", "99999999999"),
+        ("ROTATION_POSTGRES_SSLMODE", "require"),
+        ("ROTATION_POSTGRES_SSLMODE", "disable"),
+        ("ROTATION_POSTGRES_SSLMODE", "prefer"),
     ],
 )
 def test_bad_settings_are_refused_at_load(name: str, value: str) -> None:
     with pytest.raises(ConfigError):
         Settings.from_env({name: value})
+
+
+def test_postgres_tls_defaults_verify_the_server() -> None:
+    settings = Settings.from_env({})
+    assert (settings.postgres_sslmode, settings.postgres_ca_bundle) == ("verify-full", "system")
+    assert Settings.from_env({"ROTATION_POSTGRES_SSLMODE": "verify-ca"}).postgres_sslmode == "verify-ca"
 
 
 def test_allowed_networks_are_parsed() -> None:
