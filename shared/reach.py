@@ -99,12 +99,15 @@ def http_probe(settings: Settings, url: str, deadline_seconds: float) -> None:
     deadline = time.monotonic() + deadline_seconds
     last = "no answer"
     while True:
-        addresses = resolve_checked(settings, host, port)
         try:
+            # Resolved (and checked) on every attempt: a refused address ends the probe at once.
+            addresses = resolve_checked(settings, host, port)
             status = _status_once(addresses, port, host, tls, request=request, deadline=deadline)
             if 200 <= status < 300:
                 return
             last = f"HTTP {status}"
+        except UpstreamError:
+            last = "name not resolved"
         except (OSError, ValueError) as error:
             last = type(error).__name__
         time.sleep(max(0.0, min(1.0, deadline - time.monotonic())))

@@ -235,3 +235,10 @@ def test_the_adapter_refuses_an_address_off_the_allowed_networks(certs: CertPath
     ):
         session.get(f"https://localhost:{port}/keys", verify=str(certs.ca), timeout=5)
     assert hits == []
+
+
+def test_a_probe_of_a_name_that_does_not_resolve_fails_at_the_deadline() -> None:
+    began = time.monotonic()
+    with pytest.raises(RotationError, match="did not succeed: name not resolved"):
+        http_probe(STRICT, "https://no-such-host.invalid/health", 1)
+    assert time.monotonic() - began < 3
