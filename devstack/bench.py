@@ -112,7 +112,7 @@ def cost_per_rotation(stack: "LocalStack", samples: int) -> None:
         "LEDGER_TABLE_PREFIX": "benchcost",
         "ROTATION_SWEEP_CONCURRENCY": "1",  # service times, not contention
         "ROTATION_ALLOWED_TARGETS": f"{stack.app_settings()['ROTATION_ALLOWED_TARGETS']},"
-        "stbench*.blob.core.windows.net:443",
+        "*.blob.core.windows.net:443",
     }
     expires = datetime.now(UTC) + timedelta(days=20)
     provision: dict[str, Callable[[str, int], object]] = {

@@ -275,7 +275,7 @@ class PostgresKind:
     def authenticate(self, value: str) -> Auth:
         credential = json.loads(value)
         try:
-            user = session_user(credential, connect_timeout=3)
+            user = session_user(credential, self._stack.postgres.ca_path, connect_timeout=3)
         except psycopg.OperationalError as error:
             # 28P01 invalid_password, 28000 invalid_authorization_specification
             refused = error.sqlstate in ("28P01", "28000") or "authentication failed" in str(error)
@@ -393,7 +393,7 @@ class StorageKeyKind:
         self._accounts: dict[str, str] = {}
 
     def extra_env(self, env: dict[str, str]) -> dict[str, str]:
-        allowed = f"{env['ROTATION_ALLOWED_TARGETS']},{self._prefix}*.blob.core.windows.net:443"
+        allowed = f"{env['ROTATION_ALLOWED_TARGETS']},*.blob.core.windows.net:443"
         return {"ROTATION_ALLOWED_TARGETS": allowed}
 
     def close(self) -> None:

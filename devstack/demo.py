@@ -51,9 +51,9 @@ def wait_for(what: str, check: Callable[[], T | None], deadline: float) -> T:
         time.sleep(0.2)
 
 
-def logs_in(credential: dict[str, Any]) -> bool:
+def logs_in(stack: LocalStack, credential: dict[str, Any]) -> bool:
     try:
-        session_user(credential)
+        session_user(credential, stack.postgres.ca_path)
         return True
     except psycopg.OperationalError:
         return False
@@ -90,7 +90,7 @@ def run(stack: LocalStack, host: LocalFunctionHost, overlap: str, deadline: floa
     expires = datetime.now(UTC) + timedelta(days=29)
     vault.update_secret_properties(SECRET, first.properties.version, expires_on=expires)
     say(f"   expires {expires:%Y-%m-%d} (29 days): Key Vault's SecretNearExpiry is due now")
-    say(f"   old credential logs in: {yes(logs_in(old))}")
+    say(f"   old credential logs in: {yes(logs_in(stack, old))}")
 
     def our_delivery() -> Any:
         return next((d for d in stack.vault.deliveries if d.event.get("subject") == SECRET), None)
@@ -114,7 +114,7 @@ def run(stack: LocalStack, host: LocalFunctionHost, overlap: str, deadline: floa
     say(f"3. Rotated: new version {newest.properties.version}")
     say(f"   slot {state.from_slot} -> {state.to_slot} (secret's current slot tag: {new_slot})")
     say(f"   new expiry {new_expiry:%Y-%m-%d}" if new_expiry else "   new expiry: none")
-    new_ok, old_ok = logs_in(new), logs_in(old)
+    new_ok, old_ok = logs_in(stack, new), logs_in(stack, old)
     retire_after = f"{state.retire_after:%H:%M:%S} UTC" if state.retire_after else "?"
     say(f"   new credential ({new['username']}) logs in: {yes(new_ok)}")
     say(f"   old credential ({old['username']}) still logs in (overlap until {retire_after}): {yes(old_ok)}")
@@ -129,8 +129,8 @@ def run(stack: LocalStack, host: LocalFunctionHost, overlap: str, deadline: floa
         return state if state and state.state == IDLE else None
 
     state = wait_for("the retirement", retired, deadline)
-    old_ok = logs_in(old)
-    say(f"   old credential logs in: {yes(old_ok)}; new credential logs in: {yes(logs_in(new))}")
+    old_ok = logs_in(stack, old)
+    say(f"   old credential logs in: {yes(old_ok)}; new credential logs in: {yes(logs_in(stack, new))}")
     say(f"   status: state={state.state} current_slot={state.current_slot} last_outcome={state.last_outcome}")
     record = ledger.rotations(vault_url, SECRET)[0]
     timings = json.loads(record.step_timings)

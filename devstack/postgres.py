@@ -1,8 +1,11 @@
 """A real PostgreSQL server for tests and the local demo.
 
 Each ``PostgresServer`` runs ``initdb`` into a fresh directory and starts its
-own postmaster on a random loopback port, with SCRAM password login over TCP
-and durability switched off for speed::
+own postmaster on a random loopback port, with SCRAM password login over TLS
+only (a login without TLS is refused by pg_hba.conf) and durability switched off
+for speed. The server certificate (SAN localhost, 127.0.0.1, ::1) comes from
+``devstack.keyvault.certs.ensure_certs(tls_dir)``: given the Key Vault emulator's
+directory, it is issued by the emulator's CA, which clients pass as sslrootcert::
 
     with PostgresServer(tmp_path) as pg:
         with pg.admin_connect() as conn:
@@ -32,15 +35,23 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow
 
+from devstack.keyvault.certs import CertPaths, ensure_certs
 from devstack.ports import free_port, port_is_open
 
 PG_LIB_DIR = Path("/usr/lib/postgresql")  # Debian/Ubuntu: one <version>/bin per installed server
 SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")
 SETUP_HINT = "run scripts/setup (or install the server: apt-get install postgresql)"
+# TLS only, SCRAM only: a plain-TCP or password-in-the-clear login finds no matching line.
+PG_HBA = """\
+local all all trust
+hostssl all all 127.0.0.1/32 scram-sha-256
+hostssl all all ::1/128 scram-sha-256
+"""
 
 
-def session_user(credential: Mapping[str, Any], connect_timeout: int = 5) -> str:
-    """Log in with a credential as the PostgreSQL rotator stores it; return the session user.
+def session_user(credential: Mapping[str, Any], sslrootcert: str | Path, connect_timeout: int = 5) -> str:
+    """Log in with a credential as the PostgreSQL rotator stores it, over TLS verified with the CA
+    in `sslrootcert`; return the session user.
 
     Raises psycopg.OperationalError when the login is refused or the server is down.
     """
@@ -51,6 +62,9 @@ def session_user(credential: Mapping[str, Any], connect_timeout: int = 5) -> str
         user=str(credential["username"]),
         password=str(credential["password"]),
         connect_timeout=connect_timeout,
+        sslmode="verify-full",
+        sslrootcert=str(sslrootcert),
+        require_auth="scram-sha-256",
     ) as conn:
         row = conn.execute("SELECT session_user").fetchone()
     return str(row[0]) if row else ""
@@ -103,8 +117,18 @@ class PostgresServer:
     dbname = "postgres"
     admin_user = "devstack_admin"
 
-    def __init__(self, base_dir: Path, *, keep: bool = False, start_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_dir: Path,
+        *,
+        keep: bool = False,
+        start_timeout: float = 30.0,
+        tls_dir: Path | None = None,
+    ) -> None:
         self.base_dir = Path(base_dir)
+        # Where the CA and server certificate are (created there if missing).
+        self.tls_dir = Path(tls_dir) if tls_dir else self.base_dir / "tls"
+        self._certs: CertPaths | None = None
         self.keep = keep
         self.start_timeout = start_timeout
         self.admin_password = secrets.token_urlsafe(24)
@@ -134,6 +158,13 @@ class PostgresServer:
         return self._cluster_dir / "data"
 
     @property
+    def ca_path(self) -> Path:
+        """The CA that issued the server's certificate: clients' sslrootcert."""
+        if self._certs is None:
+            self._certs = ensure_certs(self.tls_dir)
+        return self._certs.ca
+
+    @property
     def running(self) -> bool:
         return self._running
 
@@ -150,13 +181,15 @@ class PostgresServer:
             "user": user,
             "dbname": dbname or self.dbname,
             "connect_timeout": 5,
+            "sslmode": "verify-full",
+            "sslrootcert": str(self.ca_path),
         }
         if password is not None:
             params["password"] = password
         return make_conninfo("", **params)
 
     def admin_connect(self) -> psycopg.Connection[TupleRow]:
-        """A new autocommit connection as the admin user (password over TCP)."""
+        """A new autocommit connection as the admin user (password over verified TLS)."""
         return psycopg.connect(self.conninfo(), autocommit=True)
 
     def start(self) -> None:
@@ -285,7 +318,25 @@ class PostgresServer:
             pwfile.unlink(missing_ok=True)
         if result.returncode != 0:
             raise RuntimeError(f"initdb failed (exit {result.returncode}):\n{result.stdout}")
+        self._configure_tls()
         self.initdb_seconds = time.perf_counter() - began
+
+    def _configure_tls(self) -> None:
+        """The server's certificate and key in the data directory (the key readable by the server
+        only, as it requires), and a pg_hba.conf that accepts TLS logins only."""
+        certs = self._certs = ensure_certs(self.tls_dir)
+        files = {
+            "server.crt": certs.cert.read_bytes(),
+            "server.key": certs.key.read_bytes(),
+            "pg_hba.conf": PG_HBA.encode(),
+        }
+        for name, content in files.items():
+            path = self.data_dir / name
+            path.write_bytes(content)
+            path.chmod(0o600)
+            if self._as_postgres:
+                owner = self._postgres_user()
+                os.chown(path, owner.pw_uid, owner.pw_gid)
 
     def _pg_ctl_start(self) -> None:
         began = time.perf_counter()
@@ -294,6 +345,7 @@ class PostgresServer:
                 f"-p {self.port}",
                 f"-k {self._socket_dir}",
                 f"-c listen_addresses={self.host}",
+                "-c ssl=on",
                 "-c fsync=off",
                 "-c synchronous_commit=off",
                 "-c full_page_writes=off",

@@ -43,7 +43,8 @@ class LocalStack:
         self.base_dir = Path(base_dir or self._tmp.name)  # type: ignore[union-attr]
         self.vault = KeyVaultEmulator(self.base_dir / "keyvault")
         self.azurite = Azurite(self.base_dir / "azurite")
-        self.postgres = PostgresServer(self.base_dir / "postgres")
+        # Its server certificate is issued by the vault emulator's CA (same certificate directory).
+        self.postgres = PostgresServer(self.base_dir / "postgres", tls_dir=self.base_dir / "keyvault")
         # Both share the vault emulator's CA (same certificate directory).
         self.storage = ArmStorageStandIn(self.base_dir / "keyvault", self.vault)
         self.vendor = VendorApi(self.base_dir / "keyvault")
@@ -87,7 +88,10 @@ class LocalStack:
             "ROTATION_ALLOWED_VAULTS": self.vault.vault_url,
             # Storage accounts are allowed one by one (`<account>.blob.core.windows.net:443`).
             "ROTATION_ALLOWED_TARGETS": f"127.0.0.1:{self.postgres.port},127.0.0.1:{self.vendor.port}",
-            "ROTATION_POSTGRES_SSLMODE": "disable",
+            "ROTATION_POSTGRES_SSLMODE": "verify-full",
+            "ROTATION_POSTGRES_CA_BUNDLE": str(self.postgres.ca_path),
+            # Every stand-in listens on loopback, which targets may otherwise never reach.
+            "ROTATION_ALLOWED_NETWORKS": "127.0.0.0/8",
             "KEYVAULT_CA_BUNDLE": str(self.vault.ca_path),
             "ROTATION_UPSTREAM_CA_BUNDLE": str(self.vault.ca_path),
             "ROTATION_ARM_ENDPOINT": self.storage.arm_endpoint,

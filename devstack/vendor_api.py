@@ -93,6 +93,7 @@ class _Fault:
     remaining: int
     method: str | None
     path_prefix: str | None
+    code: str = "injected_fault"
 
 
 class _Server(TlsHTTPServer):
@@ -260,11 +261,20 @@ class VendorApi:
             raise
 
     def inject_fault(
-        self, status: int, times: int = 1, *, method: str | None = None, path_prefix: str | None = None
+        self,
+        status: int,
+        times: int = 1,
+        *,
+        method: str | None = None,
+        path_prefix: str | None = None,
+        code: str = "injected_fault",
     ) -> None:
-        """Answer the next `times` matching requests with `status` (and no effect)."""
+        """Answer the next `times` matching requests with `status` (and no effect).
+
+        `code` is the error code sent; `{key}` in it becomes the key the request presented,
+        as a careless vendor might echo it."""
         with self._lock:
-            self._faults.append(_Fault(status, times, method, path_prefix))
+            self._faults.append(_Fault(status, times, method, path_prefix, code))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -286,7 +296,7 @@ class VendorApi:
                 and (fault.path_prefix is None or path.startswith(fault.path_prefix))
             ):
                 fault.remaining -= 1
-                return _error(fault.status, "injected_fault")
+                return _error(fault.status, fault.code.replace("{key}", self._presented_key(headers) or ""))
         wire = self._wire
         if method == "GET" and (path == "/health" or path.startswith("/health/")):
             return 200, {"status": "ok"}  # unauthenticated: a consumer probe can point here

@@ -189,7 +189,7 @@ module functionApp 'modules/functionapp.bicep' = {
       ROTATION_ALLOWED_TARGETS: rotationAllowedTargets
       ROTATION_DEFAULT_VALIDITY: rotationDefaultValidity
       ROTATION_DEFAULT_OVERLAP: rotationDefaultOverlap
-      ROTATION_POSTGRES_SSLMODE: 'require'
+      ROTATION_POSTGRES_SSLMODE: 'verify-full'
     }
   }
 }

@@ -29,7 +29,7 @@ Error messages carry the HTTP status and the vendor's error code, never a body o
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +51,7 @@ from tenacity.wait import wait_random_exponential
 from rotators.base import NewCredential, RotationContext
 from shared.config import RotationConfig
 from shared.errors import ConfigError, PossessionNotProven, UpstreamError, VerificationFailed
+from shared.reach import PinnedAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ _FORBIDDEN_HEADERS = {
 }
 _FIELD_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}(?:\.[A-Za-z_][A-Za-z0-9_-]{0,63}){0,3}$")
 _ERROR_CODE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_KEY_SHAPED_LENGTH = 20
 _PRINTABLE_KEY = re.compile(r"^[\x21-\x7e]{8,4096}$")
 _TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
 _TIMEOUT = (5, 20)
@@ -206,14 +208,24 @@ def _dig(document: Any, path: str) -> Any:
     return document
 
 
-def _vendor_code(content: bytes) -> str:
-    """The vendor's machine-readable error code, if it sends a plain one; never the body."""
+def _key_shaped(text: str) -> bool:
+    """A long token mixing letters and digits: it may be a credential, so it is never recorded."""
+    return (
+        len(text) >= _KEY_SHAPED_LENGTH and any(c.isalpha() for c in text) and any(c.isdigit() for c in text)
+    )
+
+
+def _vendor_code(content: bytes, presented_keys: Iterable[str] = ()) -> str:
+    """The vendor's machine-readable error code, if it sends a plain one; never the body.
+
+    A code that is, or contains, a key we presented, or that looks like a key, is dropped."""
     try:
         body = json.loads(content)
     except ValueError:
         return ""
     if not isinstance(body, dict):
         return ""
+    keys = [key for key in presented_keys if key]
     error = body.get("error")
     for candidate in (
         _dig(body, "error.code"),
@@ -222,6 +234,8 @@ def _vendor_code(content: bytes) -> str:
         body.get("errorCode"),
     ):
         if isinstance(candidate, str) and _ERROR_CODE.match(candidate):
+            if _key_shaped(candidate) or any(key in candidate for key in keys):
+                return ""
             return candidate
     return ""
 
@@ -264,6 +278,8 @@ class _Vendor:
         self._session = requests.Session()
         # No proxies, .netrc or CA bundle from the environment: only what the settings say.
         self._session.trust_env = False
+        # Connect to the address the vendor's name was checked against (base URLs are https only).
+        self._session.mount("https://", PinnedAdapter(context.settings))
 
     def close(self) -> None:
         self._session.close()
@@ -300,9 +316,11 @@ class _Vendor:
             raise (_Transient(message) if safe else UpstreamError(message)) from None
         status = response.status_code
         if status in _TRANSIENT:
-            raise _Transient(f"{what} answered {status}{self._code(content)}", self._retry_after(response))
+            raise _Transient(
+                f"{what} answered {status}{self._code(content, key)}", self._retry_after(response)
+            )
         if not 200 <= status < 300:
-            return _Answer(status, refusal=f"{what} answered {status}{self._code(content)}")
+            return _Answer(status, refusal=f"{what} answered {status}{self._code(content, key)}")
         try:
             parsed = json.loads(content) if content.strip() else None
         except ValueError:
@@ -341,9 +359,8 @@ class _Vendor:
                 return self.call(endpoint, key, key_id=key_id, body=body)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    @staticmethod
-    def _code(content: bytes) -> str:
-        code = _vendor_code(content)
+    def _code(self, content: bytes, key: str) -> str:
+        code = _vendor_code(content, (key, self._admin_key_value))
         return f" ({code})" if code else ""
 
     @staticmethod

@@ -18,6 +18,11 @@ Tags read here: `rotation-target` (`host:port/dbname`), `rotation-slots`,
 holding `{"username": ..., "password": ...}` of an admin with CREATEROLE) or
 `rotation-admin-user` (an Entra ID principal; the app's managed identity
 signs in with a token, as Azure Database for PostgreSQL supports).
+
+Every login goes to the address the target's name resolved to and was checked
+against (shared.reach), over TLS verified for the name (`ROTATION_POSTGRES_SSLMODE`,
+verify-full by default, with `ROTATION_POSTGRES_CA_BUNDLE`), and password logins
+require SCRAM (`require_auth`), so no server can ask for a password in the clear.
 """
 
 import base64
@@ -46,6 +51,7 @@ from shared.errors import (
     UpstreamError,
     VerificationFailed,
 )
+from shared.reach import resolve_checked
 
 logger = logging.getLogger(__name__)
 
@@ -209,14 +215,22 @@ class PostgresRotator:
             raise VerificationFailed(f"login as {username} reached the wrong role")
 
     def _connect(self, context: RotationContext, user: str, password: str) -> psycopg.Connection[Any]:
-        target = context.config.target
+        config, settings = context.config, context.settings
+        target = config.target
+        # The Entra token is sent as a password (only over verified TLS); every other login is SCRAM,
+        # so a server that asks for a cleartext password never gets one.
+        token_login = not config.admin_secret and user == config.tags.get(TAG_ADMIN_USER, "").strip()
         return psycopg.connect(
-            host=target.host,
+            host=target.host,  # what the certificate is checked against
+            hostaddr=resolve_checked(settings, target.host, target.port)[0],
             port=target.port,
             dbname=target.database,
             user=user,
             password=password,
-            sslmode=context.settings.postgres_sslmode,
+            sslmode=settings.postgres_sslmode,
+            sslrootcert=settings.postgres_ca_bundle,
+            require_auth="password" if token_login else "scram-sha-256",
+            channel_binding="prefer",
             connect_timeout=10,
             application_name="secret-rotation",
             autocommit=True,

@@ -211,7 +211,7 @@ def bind(rt: Runtime, vault_url: str, name: str, requested_by: str) -> Outcome:
     except ResourceNotFoundError:
         return logged(Outcome(NOT_FOUND, name, "no such secret in the vault"))
     try:
-        config = parse_config(current.properties.tags, rt.settings)
+        config = parse_config(current.properties.tags, rt.settings, vault_url=vault_url)
         rt.rotators.get(config.rotator).validate(rt.context(config, client, name))
         prove_possession(rt, config, client, name, current.value or "")
         for attempt in range(3):  # a sweep may record a refusal of this secret meanwhile
@@ -305,7 +305,7 @@ def adopt(
         )
     state = rt.ledger.get(vault_url, name) or SecretState(vault_url=vault_url, name=name)
     try:
-        config = parse_config(tags, rt.settings)
+        config = parse_config(tags, rt.settings, vault_url=vault_url)
         context = rt.context(config, client, name)
         rotator = rt.rotators.get(config.rotator)
         rotator.validate(context)

@@ -180,20 +180,28 @@ def _tag(tags: Mapping[str, str], name: str) -> str | None:
     return value.strip() if isinstance(value, str) and value.strip() else None
 
 
-def _check_probe(url: str, settings: Settings) -> str:
+def _not_allowed(what: str, settings: Settings, vault_url: str | None) -> TargetNotAllowed:
+    if settings.targets_for(vault_url) is not settings.allowed_targets:
+        return TargetNotAllowed(f"{what} is not on vault {vault_url}'s list in ROTATION_VAULT_TARGETS")
+    return TargetNotAllowed(f"{what} is not in ROTATION_ALLOWED_TARGETS")
+
+
+def _check_probe(url: str, settings: Settings, vault_url: str | None) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ConfigError(f"invalid consumer probe {url[:80]!r}: an http(s) URL is required")
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    if not settings.target_allowed(parts.hostname, port):
-        raise TargetNotAllowed(
-            f"consumer probe host {parts.hostname}:{port} is not in ROTATION_ALLOWED_TARGETS"
-        )
+    if not settings.target_allowed(parts.hostname, port, vault_url):
+        raise _not_allowed(f"consumer probe host {parts.hostname}:{port}", settings, vault_url)
     return url
 
 
-def parse_config(tags: Mapping[str, str] | None, settings: Settings) -> RotationConfig:
-    """Validate a secret's tags. Raises NotManaged when it has no rotation tags at all."""
+def parse_config(
+    tags: Mapping[str, str] | None, settings: Settings, *, vault_url: str | None = None
+) -> RotationConfig:
+    """Validate a secret's tags. Raises NotManaged when it has no rotation tags at all.
+
+    `vault_url` (the secret's vault) selects its allow-list when ROTATION_VAULT_TARGETS lists it."""
     tags = dict(tags or {})
     if not is_managed(tags):
         raise NotManaged("the secret has no rotation tags")
@@ -210,8 +218,8 @@ def parse_config(tags: Mapping[str, str] | None, settings: Settings) -> Rotation
         raise ConfigError(f"tag {TAG_ROTATOR} is missing or invalid")
     if target is None:
         raise ConfigError(f"tag {TAG_TARGET} is missing")
-    if not settings.target_allowed(target.host, target.port):
-        raise TargetNotAllowed(f"target {target.host}:{target.port} is not in ROTATION_ALLOWED_TARGETS")
+    if not settings.target_allowed(target.host, target.port, vault_url):
+        raise _not_allowed(f"target {target.host}:{target.port}", settings, vault_url)
 
     slots_text = _tag(tags, TAG_SLOTS) or DEFAULT_SLOTS.get(rotator)
     if not slots_text:
@@ -246,7 +254,7 @@ def parse_config(tags: Mapping[str, str] | None, settings: Settings) -> Rotation
     if len(probes) > MAX_PROBES:
         raise ConfigError(f"at most {MAX_PROBES} consumer probes")
     for probe in probes:
-        _check_probe(probe, settings)
+        _check_probe(probe, settings, vault_url)
 
     admin_secret = _tag(tags, TAG_ADMIN_SECRET)
     if admin_secret is not None and not SECRET_NAME.match(admin_secret):

@@ -16,7 +16,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.keyvault.secrets import SecretClient
 
 from rotators import RotatorRegistry
-from shared import binding, inventory, steps, sweep
+from shared import binding, inventory, reach, steps, sweep
 from shared.config import TAG_WINDOW, parse_config, validate_secret_name
 from shared.errors import ConfigError, NotManaged
 from shared.events import VaultEvent
@@ -79,28 +79,8 @@ logger = logging.getLogger(__name__)
 
 
 def http_probe(url: str, deadline_seconds: float) -> None:
-    """Succeed once `url` answers 2xx; raise after the deadline."""
-    import time  # noqa: PLC0415
-    import urllib.error  # noqa: PLC0415
-    import urllib.request  # noqa: PLC0415
-
-    from shared.errors import RotationError  # noqa: PLC0415
-
-    deadline = time.monotonic() + deadline_seconds
-    last = "no answer"
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - allow-listed http(s)
-                if 200 <= response.status < 300:
-                    return
-                last = f"HTTP {response.status}"
-        except urllib.error.HTTPError as error:
-            last = f"HTTP {error.code}"
-        except (urllib.error.URLError, OSError) as error:
-            last = type(error).__name__
-        if time.monotonic() >= deadline:
-            raise RotationError(f"consumer probe {url} did not succeed: {last}")
-        time.sleep(1)
+    """shared.reach.http_probe with settings from the environment; build_engine passes its own."""
+    reach.http_probe(Settings.from_env(), url, deadline_seconds)
 
 
 class RotationEngine:
@@ -200,7 +180,7 @@ class RotationEngine:
         except ResourceNotFoundError:
             return logged(Outcome(NOT_FOUND, name, "no such secret in the vault"))
         try:
-            config = parse_config(current.properties.tags, self.settings)
+            config = parse_config(current.properties.tags, self.settings, vault_url=vault_url)
             # The rotator's own checks too, before anything is claimed or touched.
             rt.rotators.get(config.rotator).validate(rt.context(config, client, name))
         except NotManaged as error:

@@ -31,7 +31,7 @@ def status(rt: Runtime, vault_url: str, name: str, history_limit: int = 10) -> d
     config_error = ""
     if is_managed(tags):
         try:
-            parse_config(tags, rt.settings)
+            parse_config(tags, rt.settings, vault_url=vault_url)
         except ConfigError as error:
             config_error = str(error)
     return {

@@ -8,7 +8,7 @@ are created once per worker process and reused across invocations.
 import os
 import threading
 from collections.abc import Callable
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import TYPE_CHECKING, Any
 
 from azure.core.credentials import TokenCredential
@@ -17,6 +17,7 @@ from azure.identity import DefaultAzureCredential
 from azure.keyvault.secrets import SecretClient
 
 from rotators import RotatorRegistry
+from shared import reach
 from shared.engine import RotationEngine
 from shared.ledger import Ledger
 from shared.notify import build_notifier
@@ -129,6 +130,7 @@ def build_engine(settings: Settings, **engine_options: Any) -> RotationEngine:
             "or LEDGER_CONNECTION_STRING"
         )
     engine_options.setdefault("notify", build_notifier(settings, credential))
+    engine_options.setdefault("probe", partial(reach.http_probe, settings))
     ledger = Ledger.from_service(tables, settings.ledger_table_prefix)
     ledger.ensure_tables()
     ledger.migrate_names()  # one point read once migrated

@@ -4,8 +4,9 @@ Everything comes from the Function App's settings (environment variables), so th
 same code runs on the Functions host and against the local stack.
 """
 
-import fnmatch
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -13,6 +14,13 @@ from urllib.parse import urlsplit
 
 from shared.durations import parse_duration
 from shared.errors import ConfigError
+from shared.jsonsafe import parse_int
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Only these verify the server's certificate chain (verify-full also checks its name).
+POSTGRES_SSLMODES = ("verify-full", "verify-ca")
+_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+_MAX_SETTING_INT = 1_000_000
 
 
 def normalize_vault_url(value: str) -> str:
@@ -49,19 +57,83 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
     if not raw:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"setting {name} must be a whole number, not {raw[:20]!r}") from None
-    if value < 1:
-        raise ConfigError(f"setting {name} must be at least 1")
-    return value
+    return parse_int(raw.strip(), low=1, high=_MAX_SETTING_INT, what=f"setting {name}")
+
+
+def check_target_pattern(pattern: str) -> str:
+    """An allow-list entry: `host`, `host:port`, `*.suffix` or `*.suffix:port`, lower-cased.
+
+    `*` may only be the whole leftmost label, and matches exactly one label (as in TLS
+    certificates): `*.blob.core.windows.net` matches `acct.blob.core.windows.net`, not
+    `a.b.blob.core.windows.net`. A partial wildcard (`app*.example.com`) is refused.
+    """
+    entry = pattern.strip().lower()
+    host, port = _split_pattern(entry)
+    labels = host.split(".")
+    if labels[0] == "*":
+        labels = labels[1:]
+        if len(labels) < 2:
+            raise ConfigError(f"allow-list entry {entry[:80]!r}: a wildcard needs two labels after it")
+    if not labels or not all(_LABEL.match(label) for label in labels):
+        raise ConfigError(
+            f"invalid allow-list entry {entry[:80]!r}: a host name or address, "
+            "with `*` only as a whole leftmost label"
+        )
+    if port not in ("*", "") and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"invalid port in allow-list entry {entry[:80]!r}")
+    return entry
+
+
+def _split_pattern(entry: str) -> tuple[str, str]:
+    host, sep, port = entry.rpartition(":")
+    return (host, port) if sep else (entry, "")
+
+
+def _pattern_matches(pattern: str, host: str, port: int) -> bool:
+    pattern_host, pattern_port = _split_pattern(pattern)
+    if pattern_port not in ("", "*") and int(pattern_port) != port:
+        return False
+    if pattern_host.startswith("*."):
+        first, _, rest = host.partition(".")
+        return bool(first) and rest == pattern_host[2:]
+    return host == pattern_host
+
+
+def _networks(value: str) -> tuple[IPNetwork, ...]:
+    networks: list[IPNetwork] = []
+    for item in _split_list(value):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=True))
+        except ValueError:
+            raise ConfigError(f"ROTATION_ALLOWED_NETWORKS: {item[:60]!r} is not a CIDR network") from None
+    return tuple(networks)
+
+
+def _vault_targets(value: str) -> dict[str, tuple[str, ...]]:
+    """`vault=pattern pattern;othervault=pattern` -> {vault URL: patterns}."""
+    lists: dict[str, tuple[str, ...]] = {}
+    for item in value.split(";"):
+        if not item.strip():
+            continue
+        vault, sep, patterns = item.partition("=")
+        if not sep:
+            raise ConfigError(f"ROTATION_VAULT_TARGETS: {item.strip()[:80]!r} is not vault=pattern ...")
+        url = normalize_vault_url(vault)
+        entries = tuple(check_target_pattern(p) for p in patterns.replace(",", " ").split())
+        if url in lists or not entries:
+            raise ConfigError(f"ROTATION_VAULT_TARGETS: give vault {url} one non-empty list")
+        lists[url] = entries
+    return lists
 
 
 @dataclass(frozen=True)
 class Settings:
     allowed_vaults: frozenset[str]
     allowed_targets: tuple[str, ...]
+    # Per-vault allow-lists (ROTATION_VAULT_TARGETS): a listed vault's secrets reach only these.
+    vault_targets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Addresses in these networks may be reached although loopback, private or link-local.
+    allowed_networks: tuple[IPNetwork, ...] = ()
     default_validity: timedelta = timedelta(days=90)
     default_overlap: timedelta = timedelta(days=1)
     sweep_lead_time: timedelta = timedelta(days=28)
@@ -82,7 +154,9 @@ class Settings:
     keyvault_transactions_limit: int = 2000
     keyvault_limit_window: timedelta = timedelta(seconds=10)
     probe_timeout: timedelta = timedelta(minutes=2)
-    postgres_sslmode: str = "require"
+    postgres_sslmode: str = "verify-full"
+    # libpq's sslrootcert: a CA file, or `system` (the OS trust store; libpq 16 and later).
+    postgres_ca_bundle: str = "system"
     keyvault_api_version: str = "7.6"
     keyvault_ca_bundle: str | None = None
     # Extra CA for HTTPS upstreams (ARM, storage, vendor APIs); only the local stand-ins need it.
@@ -100,6 +174,15 @@ class Settings:
     trust_app_service_auth: bool = False
     extra: Mapping[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for pattern in (*self.allowed_targets, *(p for ps in self.vault_targets.values() for p in ps)):
+            check_target_pattern(pattern)
+        if self.postgres_sslmode not in POSTGRES_SSLMODES:
+            raise ConfigError(
+                f"ROTATION_POSTGRES_SSLMODE {self.postgres_sslmode[:20]!r}: only verify-full or verify-ca, "
+                "which check the server's certificate"
+            )
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if env is None else env
@@ -111,13 +194,15 @@ class Settings:
         vaults = frozenset(
             normalize_vault_url(v) for v in _split_list(env.get("ROTATION_ALLOWED_VAULTS", ""))
         )
-        targets = tuple(t.lower() for t in _split_list(env.get("ROTATION_ALLOWED_TARGETS", "")))
+        targets = tuple(check_target_pattern(t) for t in _split_list(env.get("ROTATION_ALLOWED_TARGETS", "")))
         table_endpoint = env.get("LEDGER_TABLE_ENDPOINT") or env.get("AzureWebJobsStorage__tableServiceUri")
         if not table_endpoint and env.get("AzureWebJobsStorage__accountName"):
             table_endpoint = f"https://{env['AzureWebJobsStorage__accountName']}.table.core.windows.net"
         return cls(
             allowed_vaults=vaults,
             allowed_targets=targets,
+            vault_targets=_vault_targets(env.get("ROTATION_VAULT_TARGETS", "")),
+            allowed_networks=_networks(env.get("ROTATION_ALLOWED_NETWORKS", "")),
             default_validity=duration("ROTATION_DEFAULT_VALIDITY", cls.default_validity),
             default_overlap=duration("ROTATION_DEFAULT_OVERLAP", cls.default_overlap),
             sweep_lead_time=duration("ROTATION_SWEEP_LEAD_TIME", cls.sweep_lead_time),
@@ -133,7 +218,8 @@ class Settings:
             ),
             keyvault_limit_window=duration("KEYVAULT_LIMIT_WINDOW", cls.keyvault_limit_window),
             probe_timeout=duration("ROTATION_PROBE_TIMEOUT", cls.probe_timeout),
-            postgres_sslmode=env.get("ROTATION_POSTGRES_SSLMODE", cls.postgres_sslmode),
+            postgres_sslmode=env.get("ROTATION_POSTGRES_SSLMODE") or cls.postgres_sslmode,
+            postgres_ca_bundle=env.get("ROTATION_POSTGRES_CA_BUNDLE") or cls.postgres_ca_bundle,
             keyvault_api_version=env.get("KEYVAULT_API_VERSION", cls.keyvault_api_version),
             keyvault_ca_bundle=env.get("KEYVAULT_CA_BUNDLE") or None,
             upstream_ca_bundle=env.get("ROTATION_UPSTREAM_CA_BUNDLE") or None,
@@ -151,11 +237,18 @@ class Settings:
     def vault_allowed(self, vault_url: str) -> bool:
         return vault_url in self.allowed_vaults
 
-    def target_allowed(self, host: str, port: int) -> bool:
-        """True when `host:port` matches an allow-list entry (`host`, `host:port`, `*.suffix:port`)."""
-        candidate = f"{host.lower()}:{port}"
-        for pattern in self.allowed_targets:
-            with_port = pattern if ":" in pattern else f"{pattern}:*"
-            if fnmatch.fnmatchcase(candidate, with_port):
-                return True
-        return False
+    def targets_for(self, vault_url: str | None) -> tuple[str, ...]:
+        """The allow-list that applies to a vault's secrets: its own list, if it has one."""
+        if vault_url:
+            try:
+                url = normalize_vault_url(vault_url)
+            except ConfigError:
+                return ()
+            if url in self.vault_targets:
+                return self.vault_targets[url]
+        return self.allowed_targets
+
+    def target_allowed(self, host: str, port: int, vault_url: str | None = None) -> bool:
+        """True when `host:port` matches an entry of the vault's allow-list (see check_target_pattern)."""
+        name = host.lower().rstrip(".")
+        return any(_pattern_matches(p, name, port) for p in self.targets_for(vault_url))

@@ -115,7 +115,7 @@ def resume(rt: Runtime, state: SecretState) -> Outcome:
     client = rt.secret_client(state.vault_url)
     try:
         current = rt.get_secret(client, state.name)
-        config = parse_config(current.properties.tags, rt.settings)
+        config = parse_config(current.properties.tags, rt.settings, vault_url=state.vault_url)
         binding.check_bound(rt, state, config)
     except (ResourceNotFoundError, RotationError) as error:
         return fail(rt, state, error, None)
@@ -270,7 +270,7 @@ def retire(rt: Runtime, state: SecretState, current: SecretProperties | None = N
     try:
         if current is None:
             current = rt.get_secret(client, state.name).properties
-        config = parse_config(current.tags, rt.settings)
+        config = parse_config(current.tags, rt.settings, vault_url=state.vault_url)
         try:
             binding.check_retire(rt, state, config, client, current.version or "")
         except Refused as error:

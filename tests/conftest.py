@@ -97,7 +97,7 @@ def soon(days: int = 20) -> datetime:
 
 def login(stack: LocalStack, credential: dict[str, object]) -> str:
     """Log in with a credential as stored in the secret; return the session user."""
-    user = session_user(credential)
+    user = session_user(credential, stack.postgres.ca_path)
     assert user
     return user
 

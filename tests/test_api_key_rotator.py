@@ -23,13 +23,13 @@ from azure.keyvault.secrets import SecretClient
 from devstack.ports import free_port
 from devstack.stack import LocalStack, app_environment, provision_api_key_secret
 from devstack.vendor_api import VendorApi
-from rotators.api_key import parse_contract
+from rotators.api_key import _vendor_code, parse_contract
 from shared import service
 from shared.engine import RotationEngine
 from shared.errors import ConfigError
 from shared.ledger import IDLE, OVERLAP
 from shared.settings import Settings
-from tests.conftest import soon
+from tests.conftest import SESSION_LOGS, soon
 from tests.crashes import RETIRE_POINTS, ROTATION_POINTS, SimulatedCrash, TestClock
 from tests.hosting import deliver_event, tick_sweeper
 
@@ -473,3 +473,52 @@ def test_adopt_checks_the_key_and_the_slots_and_a_rotation_follows(
     rotated = engine.rotate(stack.vault.vault_url, unique, trigger="manual", reason="first rotation")
     assert rotated.status == "rotated", rotated.message
     assert api.authenticates(credential(vault, unique)["key"])
+
+
+# ------------------------------------------------------------------ nothing key-shaped from a vendor answer
+
+
+def test_a_vendor_error_code_echoing_the_admin_key_is_not_recorded(
+    stack: LocalStack, vault: SecretClient, vendors: Vendors, unique: str
+) -> None:
+    managed = provision(stack, vendors, unique)
+    api = vendors.default
+    api.inject_fault(400, 1, method="POST", path_prefix="/keys", code="{key}")
+    try:
+        outcome = service.engine().rotate(stack.vault.vault_url, unique, trigger="manual", requested_by="sre")
+    finally:
+        api.clear_faults()
+    state = service.engine().ledger.get(stack.vault.vault_url, unique)
+    assert state is not None
+    recorded = "\n".join([outcome.message, state.last_error, *SESSION_LOGS.lines])
+    assert "POST /keys answered 400" in outcome.message
+    assert managed.admin_key not in recorded
+    assert versions(vault, unique) == [managed.first_version]
+
+
+@pytest.mark.parametrize(
+    ("code", "kept"),
+    [
+        ("key_limit_reached", True),
+        ("quota.exceeded:2024", True),
+        ("sk0123456789abcdefghij", False),  # key-shaped: long, letters and digits
+        ("bad-key:adm_secret", False),  # contains a presented key
+        ("adm_secret", False),
+    ],
+)
+def test_vendor_codes_that_look_like_or_contain_a_key_are_dropped(code: str, kept: bool) -> None:
+    content = json.dumps({"error": {"code": code}}).encode()
+    assert _vendor_code(content, ("adm_secret", "")) == (code if kept else "")
+
+
+def test_a_vendor_on_a_loopback_address_is_refused_without_allowed_networks(
+    stack: LocalStack, vault: SecretClient, vendors: Vendors, unique: str, engine_with: object
+) -> None:
+    managed = provision(stack, vendors, unique)
+    requests_before = len(vendors.default.requests)
+    engine: RotationEngine = engine_with({"ROTATION_ALLOWED_NETWORKS": ""})  # type: ignore[operator]
+    outcome = engine.rotate(stack.vault.vault_url, unique, trigger="manual", requested_by="sre")
+    assert outcome.status in ("misconfigured", "failed"), outcome.message
+    assert "resolves to loopback address 127.0.0.1" in outcome.message
+    assert len(vendors.default.requests) == requests_before
+    assert versions(vault, unique) == [managed.first_version]

@@ -168,3 +168,88 @@ def test_targets_as_urls_and_resource_ids() -> None:
     ):
         with pytest.raises(ConfigError):
             parse_target(bad)
+
+
+def test_a_wildcard_matches_one_whole_label() -> None:
+    settings = Settings.from_env({"ROTATION_ALLOWED_TARGETS": "*.blob.core.windows.net:443"})
+    assert settings.target_allowed("acct.blob.core.windows.net", 443)
+    assert settings.target_allowed("ACCT.blob.core.windows.net.", 443)
+    assert not settings.target_allowed("a.b.blob.core.windows.net", 443)
+    assert not settings.target_allowed("blob.core.windows.net", 443)
+    assert not settings.target_allowed("acct.blob.core.windows.net.evil.com", 443)
+    assert not settings.target_allowed("acctblob.core.windows.net", 443)
+    assert not settings.target_allowed("acct.blob.core.windows.net", 80)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["app*.example.com", "*foo.example.com", "db.*.internal", "*.com", "a b.example.com", "x.net:99999"],
+)
+def test_a_partial_wildcard_or_bad_entry_is_refused_at_load(entry: str) -> None:
+    with pytest.raises(ConfigError, match="allow-list entry") as refused:
+        Settings.from_env({"ROTATION_ALLOWED_TARGETS": f"db.internal:5432,{entry}"})
+    assert entry.partition(":")[0] in str(refused.value)
+    if " " not in entry:  # there, a space separates two entries
+        with pytest.raises(ConfigError):
+            Settings.from_env({"ROTATION_VAULT_TARGETS": f"kv1={entry}"})
+
+
+def test_per_vault_allow_lists() -> None:
+    settings = Settings.from_env(
+        {
+            "ROTATION_ALLOWED_TARGETS": "shared.internal:5432",
+            "ROTATION_VAULT_TARGETS": "teama=a.internal:5432 *.a.example.net;"
+            "https://TeamB.vault.azure.net/=b.internal:5432",
+        }
+    )
+    vault_a, vault_b = "https://teama.vault.azure.net", "https://teamb.vault.azure.net"
+    assert settings.target_allowed("a.internal", 5432, vault_a)
+    assert settings.target_allowed("x.a.example.net", 443, vault_a)
+    assert not settings.target_allowed("b.internal", 5432, vault_a)
+    assert not settings.target_allowed("shared.internal", 5432, vault_a)
+    assert settings.target_allowed("b.internal", 5432, vault_b)
+    # An unlisted vault (or no vault) uses ROTATION_ALLOWED_TARGETS.
+    assert settings.target_allowed("shared.internal", 5432, "https://other.vault.azure.net")
+    assert not settings.target_allowed("a.internal", 5432)
+
+    to_b = tags(**{"rotation-target": "b.internal:5432/appdb"})
+    assert parse_config(to_b, settings, vault_url=vault_b).target.host == "b.internal"
+    with pytest.raises(TargetNotAllowed, match="ROTATION_VAULT_TARGETS"):
+        parse_config(to_b, settings, vault_url=vault_a)
+    probe_to_b = tags(
+        **{"rotation-target": "a.internal:5432/appdb", "rotation-probes": "https://b.internal:5432/"}
+    )
+    with pytest.raises(TargetNotAllowed, match="consumer probe"):
+        parse_config(probe_to_b, settings, vault_url=vault_a)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("ROTATION_VAULT_TARGETS", "teama"),
+        ("ROTATION_VAULT_TARGETS", "teama="),
+        ("ROTATION_VAULT_TARGETS", "bad.name=a.internal"),
+        ("ROTATION_ALLOWED_NETWORKS", "10.0.0.0/33"),
+        ("ROTATION_ALLOWED_NETWORKS", "10.0.0.1/8"),
+        ("ROTATION_MAX_ATTEMPTS", "٣"),
+        ("ROTATION_MAX_ATTEMPTS", "0"),
+        ("ROTATION_SWEEP_CONCURRENCY", "99999999999"),
+        ("ROTATION_POSTGRES_SSLMODE", "require"),
+        ("ROTATION_POSTGRES_SSLMODE", "disable"),
+        ("ROTATION_POSTGRES_SSLMODE", "prefer"),
+    ],
+)
+def test_bad_settings_are_refused_at_load(name: str, value: str) -> None:
+    with pytest.raises(ConfigError):
+        Settings.from_env({name: value})
+
+
+def test_postgres_tls_defaults_verify_the_server() -> None:
+    settings = Settings.from_env({})
+    assert (settings.postgres_sslmode, settings.postgres_ca_bundle) == ("verify-full", "system")
+    assert Settings.from_env({"ROTATION_POSTGRES_SSLMODE": "verify-ca"}).postgres_sslmode == "verify-ca"
+
+
+def test_allowed_networks_are_parsed() -> None:
+    settings = Settings.from_env({"ROTATION_ALLOWED_NETWORKS": "127.0.0.0/8, 10.1.0.0/16,fd00::/8"})
+    assert [str(n) for n in settings.allowed_networks] == ["127.0.0.0/8", "10.1.0.0/16", "fd00::/8"]

@@ -45,10 +45,11 @@ def test_postgres_scram_login_role_and_restart(pg: PostgresServer) -> None:
             "SELECT current_user, current_setting('log_statement'), inet_server_port()"
         ).fetchone()
         assert row == (pg.admin_user, "none", pg.port)
-        method = admin.execute(
-            "SELECT auth_method FROM pg_hba_file_rules WHERE type = 'host' AND address = '127.0.0.1'"
-        ).fetchone()
-        assert method == ("scram-sha-256",)
+        rules = admin.execute(
+            "SELECT DISTINCT type, auth_method FROM pg_hba_file_rules WHERE type <> 'local'"
+        )
+        assert rules.fetchall() == [("hostssl", "scram-sha-256")]
+        assert admin.pgconn.ssl_in_use
 
         role, password = "app-user", secrets.token_urlsafe(18)
         admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
@@ -68,6 +69,16 @@ def test_postgres_scram_login_role_and_restart(pg: PostgresServer) -> None:
     print(f"PostgreSQL restarted in {pg.last_start_seconds:.2f} s")
     with psycopg.connect(pg.conninfo(user=role, password=password)) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_postgres_refuses_a_login_without_tls(pg: PostgresServer) -> None:
+    with pytest.raises(psycopg.OperationalError, match="no encryption"):
+        psycopg.connect(
+            host=pg.host, port=pg.port, user=pg.admin_user, password=pg.admin_password, sslmode="disable"
+        )
+    # The admin's own login, over TLS, works.
+    with pg.admin_connect() as admin:
+        assert admin.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_postgres_stop_closes_port_and_removes_files(tmp_path: Path) -> None:

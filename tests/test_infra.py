@@ -346,7 +346,7 @@ def test_function_app_settings_match_the_app() -> None:
         "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
     } <= declared
     assert {s for s in declared if s.startswith("ROTATION_")} <= read_by_app
-    assert "ROTATION_POSTGRES_SSLMODE: 'require'" in main
+    assert "ROTATION_POSTGRES_SSLMODE: 'verify-full'" in main
     for text in (
         "name: 'FC1'",
         "tier: 'FlexConsumption'",

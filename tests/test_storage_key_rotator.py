@@ -31,8 +31,8 @@ from tests.hosting import RESPONSE_BODIES, deliver_event, tick_sweeper
 
 pytestmark = pytest.mark.usefixtures("app_settings")
 
-# The allow-list entry for the data-plane hosts the tags imply: accounts named st*, nothing else.
-ALLOWED = "st*.blob.core.windows.net:443"
+# The allow-list entry for the data-plane hosts the tags imply (any account; a test narrows it).
+ALLOWED = "*.blob.core.windows.net:443"
 
 
 @pytest.fixture(scope="module")
@@ -455,8 +455,13 @@ def test_a_hostile_or_invalid_target_is_refused_and_nothing_changes(
         },
         expires_on=soon(20),
     )
-    deliver_event([stack.vault.events_for(unique)])
-    outcome = service.engine().rotate(stack.vault.vault_url, unique, trigger="manual", requested_by="sre")
+    # Only this test's own account is allowed, not the evil one.
+    allowed = os.environ["ROTATION_ALLOWED_TARGETS"].replace(ALLOWED, f"{account}.blob.core.windows.net:443")
+    with app_environment({"ROTATION_ALLOWED_TARGETS": allowed}):
+        service.use_engine(None)
+        deliver_event([stack.vault.events_for(unique)])
+        outcome = service.engine().rotate(stack.vault.vault_url, unique, trigger="manual", requested_by="sre")
+    service.use_engine(None)
     assert outcome.status in ("misconfigured", "invalid"), outcome.message
     assert versions(vault, unique) == [first.properties.version]
     assert {name: storage.keys(name) for name in (account, evil)} == before
