@@ -3,6 +3,7 @@ CA is refused, and a rogue server that asks for a cleartext password never gets 
 
 import json
 import os
+import secrets
 import socket
 import ssl
 import struct
@@ -39,18 +40,21 @@ def tags_for(host_port: str, unique: str, admin_secret: str) -> dict[str, str]:
     }
 
 
-def rotate_against(
+def bind_against(
     engine_with: object, vault: SecretClient, stack: LocalStack, unique: str, port: int, admin_secret: str
-) -> str:
-    """Point a secret at 127.0.0.1:`port` (allow-listed), rotate it; return the outcome message."""
+) -> tuple[str, str]:
+    """Point a secret at 127.0.0.1:`port` (allow-listed) and have an operator bind it: the proof
+    of possession logs in there with the secret's own credential first. Returns the outcome's
+    message and the password the secret holds."""
     allowed = f"{os.environ['ROTATION_ALLOWED_TARGETS']},127.0.0.1:{port}"
     engine: RotationEngine = engine_with({"ROTATION_ALLOWED_TARGETS": allowed})  # type: ignore[operator]
-    vault.set_secret(
-        unique, "{}", tags=tags_for(f"127.0.0.1:{port}", unique, admin_secret), expires_on=soon(5)
-    )
-    outcome = engine.rotate(stack.vault.vault_url, unique, trigger="manual", requested_by="sre")
-    assert outcome.status in ("failed", "misconfigured"), outcome.message
-    return outcome.message
+    password = secrets.token_urlsafe(24)
+    value = {"username": f"{unique}_blue", "password": password}
+    tags = tags_for(f"127.0.0.1:{port}", unique, admin_secret)
+    vault.set_secret(unique, json.dumps(value), tags=tags, expires_on=soon(5))
+    outcome = engine.bind(stack.vault.vault_url, unique, requested_by="sre")
+    assert outcome.status == "failed", outcome.message
+    return outcome.message, password
 
 
 def test_a_server_with_a_certificate_from_another_ca_is_refused(
@@ -59,11 +63,11 @@ def test_a_server_with_a_certificate_from_another_ca_is_refused(
     with PostgresServer(tmp_path, tls_dir=tmp_path / "another-ca") as other:
         admin = {"username": other.admin_user, "password": other.admin_password}
         vault.set_secret(f"{unique}-admin", json.dumps(admin), content_type="application/json")
-        message = rotate_against(engine_with, vault, stack, unique, other.port, f"{unique}-admin")
+        message, _ = bind_against(engine_with, vault, stack, unique, other.port, f"{unique}-admin")
         log = other.log_path.read_text(errors="replace")
     assert "certificate verify failed" in message
-    assert f"cannot reach PostgreSQL 127.0.0.1:{other.port}/postgres as admin" in message
-    assert f'user "{other.admin_user}"' not in log  # the server saw no login at all
+    assert f"cannot reach PostgreSQL 127.0.0.1:{other.port}/postgres" in message
+    assert f'user "{unique}_blue"' not in log  # the server saw no login at all
 
 
 @dataclass
@@ -140,12 +144,14 @@ def test_a_rogue_server_asking_for_a_cleartext_password_never_gets_it(
     stack: LocalStack, vault: SecretClient, unique: str, engine_with: object, rogue: RogueServer
 ) -> None:
     # The attacker's secret names the real admin secret and a target the rogue server answers.
-    message = rotate_against(engine_with, vault, stack, unique, rogue.port, ADMIN_SECRET)
+    message, own_password = bind_against(engine_with, vault, stack, unique, rogue.port, ADMIN_SECRET)
     assert "server requested a cleartext password" in message
     assert rogue.startups, "libpq never reached the rogue server"
-    assert all(stack.postgres.admin_user.encode() in startup for startup in rogue.startups)
-    # No PasswordMessage ('p'), and the password in no form, on any connection.
-    assert rogue.after_auth_request
+    # Only the proof of possession reached it, as the secret's own slot, never as the admin.
+    assert all(f"{unique}_blue".encode() in startup for startup in rogue.startups)
+    assert all(stack.postgres.admin_user.encode() not in startup for startup in rogue.startups)
+    # No PasswordMessage ('p'), and neither password in any form, on any connection (libpq
+    # hangs up at the request: without require_auth it would answer with the password).
     assert all(not received.startswith(b"p") for received in rogue.after_auth_request)
-    password = stack.postgres.admin_password.encode()
-    assert all(password not in received for received in rogue.after_auth_request)
+    for password in (stack.postgres.admin_password.encode(), own_password.encode()):
+        assert all(password not in received for received in rogue.after_auth_request)
