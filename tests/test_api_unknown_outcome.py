@@ -31,9 +31,12 @@ class StubEngine:
 
 def call(handler: str, status: str) -> api.ApiResult:
     engine: Any = StubEngine(status)
+    result: api.ApiResult
     if handler == "rotate":
-        return api.rotate(engine, "orders-db", {}, b"{}", "http:function-key")
-    return api.adopt(engine, "orders-db", {}, b'{"rotator": "postgres"}', "http:function-key")
+        result = api.rotate(engine, "orders-db", {}, b"{}", "http:function-key")
+    else:
+        result = api.adopt(engine, "orders-db", {}, b'{"rotator": "postgres"}', "http:function-key")
+    return result
 
 
 @pytest.mark.parametrize("handler", ["rotate", "adopt"])
