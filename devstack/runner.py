@@ -505,10 +505,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timer-interval", type=float, default=None, help="seconds; overrides schedules")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    host = LocalFunctionHost(port=args.port, timer_interval=args.timer_interval).start()
-    print(f"function key: {host.function_key}\nmaster key: {host.master_key}", flush=True)
+    # Keys from the environment (the names devstack.serve writes), else fresh ones shown once here.
+    given = {name: os.environ.get(name) or None for name in ("FUNCTION_KEY", "FUNCTIONS_MASTER_KEY")}
+    host = LocalFunctionHost(
+        port=args.port,
+        timer_interval=args.timer_interval,
+        function_key=given["FUNCTION_KEY"],
+        master_key=given["FUNCTIONS_MASTER_KEY"],
+    ).start()
+    if not given["FUNCTION_KEY"]:
+        print(f"function key (x-functions-key): {host.function_key}", flush=True)
+    if not given["FUNCTIONS_MASTER_KEY"]:
+        print(f"master key (for /admin/*): {host.master_key}", flush=True)
     for name in host.names(EVENTGRID):
-        print(f"{name}: {host.eventgrid_webhook_url(name)}", flush=True)
+        print(
+            f"{name} webhook (for an Event Grid subscription): {host.eventgrid_webhook_url(name)}", flush=True
+        )
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
