@@ -2,12 +2,18 @@
 
 It hosts an `azure.functions.FunctionApp` the way the host does, with the host's URL shapes:
 
-* ``POST /runtime/webhooks/eventgrid?functionName=NAME``: the Event Grid webhook (subscription
-  validation handshake, Event Grid and CloudEvents deliveries, one invocation per event);
-* ``/api/<route>``: HTTP triggers, with the host's function-key check (``x-functions-key``
-  header or ``code`` query parameter) for routes whose auth level is not anonymous;
-* ``GET /admin/host/status`` and ``POST /admin/functions/NAME`` (run a timer function now);
+* ``POST /runtime/webhooks/eventgrid?functionName=NAME&code=KEY``: the Event Grid webhook
+  (``aeg-event-type`` SubscriptionValidation, Notification or Unsubscribe; Event Grid and
+  CloudEvents deliveries, one invocation per event). It needs the ``eventgrid_extension``
+  system key (or the master key), as ``code`` or ``x-functions-key``;
+* ``/api/<route>``: HTTP triggers; a route whose auth level is ``function`` needs a function
+  key (or the master key), ``admin`` the master key, ``anonymous`` none;
+* ``GET /admin/host/status`` and ``POST /admin/functions/NAME`` (run a timer function now):
+  the master key only, as on the host (a function key does not open the admin API);
 * timer triggers on their NCRONTAB schedule (or every ``timer_interval`` seconds).
+
+A missing or wrong key is a 401 with no body, whatever the header holds (non-ASCII included).
+Every response status goes to the functions in ``RESPONSE_HOOKS`` (the tests record them).
 
 Production runs on the real Functions host; this is for the demo, the tests and local runs.
 """
@@ -23,6 +29,7 @@ import secrets
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -37,11 +44,22 @@ from azure.functions.meta import Datum
 from azure.functions.timer import TimerRequest
 from croniter import croniter
 
+from shared.errors import InvalidInput
+from shared.jsonsafe import loads_strict
+
 log = logging.getLogger("devstack.runner")
 
 EVENTGRID, TIMER, HTTP = "eventGridTrigger", "timerTrigger", "httpTrigger"
 MAX_BODY = 1024 * 1024  # bytes; larger deliveries get 413, which Event Grid does not retry
+MAX_BODY_DEPTH = 32  # an Event Grid delivery needs 3 levels (array, event, data)
 PAST_DUE_SLACK = 1.0  # seconds late before a timer invocation counts as past due
+LISTEN_BACKLOG = 128  # socketserver's default of 5 resets connections under 20 parallel clients
+# The host's key names: `_master` (the admin API and everything else) and one system key per
+# extension; the Event Grid extension's is `eventgrid_extension`.
+MASTER_KEY_NAME = "_master"
+EVENTGRID_SYSTEM_KEY = "eventgrid_extension"
+# Called with (method, path without query, status) for every response the host sends.
+RESPONSE_HOOKS: list[Callable[[str, str, int], None]] = []
 _index_lock = threading.Lock()
 _indexed: dict[int, tuple[func.FunctionApp, list[Function]]] = {}
 
@@ -63,6 +81,22 @@ def _route_pattern(route: str) -> re.Pattern[str]:
     return re.compile(f"^/api/{pattern}/?$")
 
 
+def _key_matches(given: str, expected: str) -> bool:
+    """Constant-time comparison that refuses, rather than raises on, a non-ASCII header value.
+
+    http.server decodes header bytes as ISO-8859-1, and `secrets.compare_digest` raises
+    TypeError on non-ASCII str: compare UTF-8 bytes instead.
+    """
+    return bool(given) and secrets.compare_digest(
+        given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
+    )
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = LISTEN_BACKLOG
+    daemon_threads = True
+
+
 def _error_line(error: BaseException) -> str:
     text = " ".join(str(error).split())[:300]
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
@@ -76,6 +110,8 @@ class LocalFunctionHost:
         port: int = 0,
         timer_interval: float | None = None,
         function_key: str | None = None,
+        master_key: str | None = None,
+        eventgrid_key: str | None = None,
     ) -> None:
         if app is None:
             from function_app import app as default_app  # noqa: PLC0415 - imported as the host does
@@ -90,11 +126,15 @@ class LocalFunctionHost:
             self.triggers[name] = trigger
         self.port, self.timer_interval = port, timer_interval
         self.function_key = function_key or secrets.token_urlsafe(32)
+        self.master_key = master_key or secrets.token_urlsafe(32)
+        self.system_keys = {EVENTGRID_SYSTEM_KEY: eventgrid_key or secrets.token_urlsafe(32)}
+        if len({self.function_key, self.master_key, *self.system_keys.values()}) != 2 + len(self.system_keys):
+            raise ValueError("the function key, the master key and the system keys must all differ")
         self.routes = [
             (name, _route_pattern(str(getattr(self.triggers[name], "route", "") or name)))
             for name in self.names(HTTP)
         ]
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._running = {name: threading.Lock() for name in self.names(TIMER)}
@@ -118,8 +158,7 @@ class LocalFunctionHost:
         if self._server is not None:
             raise RuntimeError("the host is already running")
         self._stopping.clear()
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), _Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", self.port), _Handler)
         self._server.host = self  # type: ignore[attr-defined]
         self._spawn("runner-http", self._server.serve_forever, 0.05)
         for name in self.names(TIMER):
@@ -156,8 +195,10 @@ class LocalFunctionHost:
             raise RuntimeError("the host is not running")
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def eventgrid_webhook_url(self, function_name: str) -> str:
-        return f"{self.url}/runtime/webhooks/eventgrid?functionName={quote(function_name)}"
+    def eventgrid_webhook_url(self, function_name: str, *, with_key: bool = True) -> str:
+        """The URL an Event Grid subscription is given: with the `eventgrid_extension` key as `code`."""
+        url = f"{self.url}/runtime/webhooks/eventgrid?functionName={quote(function_name)}"
+        return f"{url}&code={quote(self.system_keys[EVENTGRID_SYSTEM_KEY])}" if with_key else url
 
     # ----- invocations -------------------------------------------------------------------------
 
@@ -201,7 +242,51 @@ class _Handler(BaseHTTPRequestHandler):
         return self.server.host  # type: ignore[attr-defined, no-any-return]
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+        # The request line may carry a key as `code=`: log the path only.
+        log.debug("%s %s %s", self.address_string(), self.command, urlsplit(self.path or "").path[:200])
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        super().send_response(code, message)
+        path = urlsplit(self.path or "").path
+        for hook in list(RESPONSE_HOOKS):
+            hook(str(self.command), path, code)
+
+    def _given_key(self, params: dict[str, str] | None = None) -> str:
+        if params is None:
+            query = parse_qs(urlsplit(self.path).query, keep_blank_values=True)
+            params = {key: values[0] for key, values in query.items()}
+        return self.headers.get("x-functions-key") or params.get("code", "")
+
+    def _authorized(self, level: str, params: dict[str, str] | None = None) -> bool:
+        """The host's key check for an auth level; False after answering 401 (no body)."""
+        given = self._given_key(params)
+        accepted = [self.host.master_key]
+        if level == "anonymous":
+            return True
+        if level == "function":
+            accepted.append(self.host.function_key)
+        elif level.startswith("system:"):
+            accepted.append(self.host.system_keys[level.removeprefix("system:")])
+        # Every key is compared, so the time taken says nothing about which one was close.
+        if not any([_key_matches(given, key) for key in accepted]):
+            self._discard_body()
+            self._send(401)
+            return False
+        return True
+
+    def _discard_body(self) -> None:
+        """Read an unwanted body so the connection stays usable; close it when that is unsafe.
+
+        Closing with unread bytes in the socket would reset it before the client reads the answer.
+        """
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if 0 <= length <= MAX_BODY:
+            self.rfile.read(length)
+        else:
+            self.close_connection = True
 
     def _send(self, status: int, body: Any = None, headers: dict[str, str] | None = None) -> None:
         data = b"" if body is None else json.dumps(body).encode()
@@ -233,9 +318,9 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length)
         self.close_connection = False
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            self._error(400, "InvalidJson", "the body is not JSON")
+            body = loads_strict(raw, max_depth=MAX_BODY_DEPTH, max_bytes=MAX_BODY)
+        except InvalidInput as problem:
+            self._error(400, "InvalidJson", f"the body is not JSON the host accepts: {problem}")
             return None
         if not isinstance(body, dict | list) or (
             isinstance(body, list) and not all(isinstance(item, dict) for item in body)
@@ -265,9 +350,7 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         params = {key: values[0] for key, values in parse_qs(parts.query, keep_blank_values=True).items()}
         level = str(getattr(getattr(trigger, "auth_level", None), "value", "function")).lower()
-        given = self.headers.get("x-functions-key") or params.get("code", "")
-        if level != "anonymous" and not secrets.compare_digest(given, self.host.function_key):
-            self._send(401)
+        if not self._authorized(level, params):
             return True
         self.close_connection = True
         try:
@@ -307,7 +390,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self._http("GET"):
             return
-        if urlsplit(self.path).path == "/admin/host/status":
+        path = urlsplit(self.path).path
+        if path.startswith("/admin/") and not self._authorized("admin"):
+            return
+        if path == "/admin/host/status":
             self._send(200, {"state": "Running", "functions": list(self.host.functions)})
         else:
             self._error(404, "NotFound", "no such endpoint")
@@ -316,7 +402,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self._http("OPTIONS"):
             return
         origin = self.headers.get("WebHook-Request-Origin")
-        if urlsplit(self.path).path == "/runtime/webhooks/eventgrid" and origin:
+        path = urlsplit(self.path).path
+        if path == "/runtime/webhooks/eventgrid" and not self._authorized(f"system:{EVENTGRID_SYSTEM_KEY}"):
+            return
+        if path == "/runtime/webhooks/eventgrid" and origin:
             self._send(200, headers={"WebHook-Allowed-Origin": origin, "WebHook-Allowed-Rate": "*"})
         else:
             self._error(404, "NotFound", "no such endpoint")
@@ -336,10 +425,16 @@ class _Handler(BaseHTTPRequestHandler):
             return
         parts = urlsplit(self.path)
         if parts.path == "/runtime/webhooks/eventgrid":
-            names = parse_qs(parts.query).get("functionName", [""])
-            self._eventgrid(names[0])
-        elif parts.path.startswith("/admin/functions/"):
-            self._admin_invoke(parts.path.removeprefix("/admin/functions/"))
+            if self._authorized(f"system:{EVENTGRID_SYSTEM_KEY}"):
+                names = parse_qs(parts.query).get("functionName", [""])
+                self._eventgrid(names[0])
+        elif parts.path.startswith("/admin/"):
+            if not self._authorized("admin"):
+                return
+            if parts.path.startswith("/admin/functions/"):
+                self._admin_invoke(parts.path.removeprefix("/admin/functions/"))
+            else:
+                self._error(404, "NotFound", "no such endpoint")
         else:
             self._error(404, "NotFound", "no such endpoint")
 
@@ -358,12 +453,20 @@ class _Handler(BaseHTTPRequestHandler):
         if payload is None:
             return
         items = payload if isinstance(payload, list) else [payload]
-        if self.headers.get("aeg-event-type", "Notification") == "SubscriptionValidation":
-            code = (items[0].get("data") or {}).get("validationCode") if items else None
-            if not isinstance(code, str):
-                self._error(400, "InvalidValidation", "no data.validationCode in the validation event")
-            else:
-                self._send(200, {"validationResponse": code})
+        # As the Event Grid extension does: the header decides, compared case-insensitively.
+        kind = (self.headers.get("aeg-event-type") or "").strip().lower()
+        if kind == "subscriptionvalidation":
+            self._validate_subscription(items)
+            return
+        if kind == "unsubscribe":
+            self._send(202)
+            return
+        if kind != "notification":
+            self._error(
+                400,
+                "UnknownEventType",
+                "the aeg-event-type header must be SubscriptionValidation, Notification or Unsubscribe",
+            )
             return
         try:
             events = [
@@ -382,6 +485,19 @@ class _Handler(BaseHTTPRequestHandler):
                 return
         self._send(200)
 
+    def _validate_subscription(self, items: list[Any]) -> None:
+        """Answer Event Grid's validation handshake: echo data.validationCode of the first event."""
+        data = items[0].get("data") if items else None
+        code = data.get("validationCode") if isinstance(data, dict) else None
+        if not isinstance(code, str) or not code.strip() or len(code) > 256:
+            self._error(
+                400,
+                "InvalidValidation",
+                "a subscription validation event needs data to be an object with a validationCode string",
+            )
+            return
+        self._send(200, {"validationResponse": code})
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Host function_app locally (settings from the environment).")
@@ -389,9 +505,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timer-interval", type=float, default=None, help="seconds; overrides schedules")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    host = LocalFunctionHost(port=args.port, timer_interval=args.timer_interval).start()
+    # Keys from the environment (the names devstack.serve writes), else fresh ones shown once here.
+    given = {name: os.environ.get(name) or None for name in ("FUNCTION_KEY", "FUNCTIONS_MASTER_KEY")}
+    host = LocalFunctionHost(
+        port=args.port,
+        timer_interval=args.timer_interval,
+        function_key=given["FUNCTION_KEY"],
+        master_key=given["FUNCTIONS_MASTER_KEY"],
+    ).start()
+    if not given["FUNCTION_KEY"]:
+        print(f"function key (x-functions-key): {host.function_key}", flush=True)
+    if not given["FUNCTIONS_MASTER_KEY"]:
+        print(f"master key (for /admin/*): {host.master_key}", flush=True)
     for name in host.names(EVENTGRID):
-        print(f"{name}: {host.eventgrid_webhook_url(name)}", flush=True)
+        print(
+            f"{name} webhook (for an Event Grid subscription): {host.eventgrid_webhook_url(name)}", flush=True
+        )
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())

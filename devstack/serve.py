@@ -4,8 +4,8 @@ Starts the Key Vault emulator, Azurite and PostgreSQL, hosts function_app.py on
 http://127.0.0.1:PORT with a function key, puts one secret of each built-in kind under
 rotation (`orders-db` a PostgreSQL login, `billing-api-key` a vendor API key,
 `media-storage-key` a storage account key), and writes `.devstack/env`: the app settings
-plus FUNCTIONS_URL and FUNCTION_KEY, so `source .devstack/env` lets curl and
-`scripts/rotation` talk to it.
+plus FUNCTIONS_URL, FUNCTION_KEY and FUNCTIONS_MASTER_KEY (for /admin/*), so
+`source .devstack/env` lets curl and `scripts/rotation` talk to it.
 Runs until Ctrl-C (or SIGTERM).
 """
 
@@ -54,7 +54,12 @@ def main(argv: list[str] | None = None) -> None:
             provision_postgres_secret(stack, "orders-db", prefix="orders", expires_on=expires_on)
             provision_api_key_secret(stack, "billing-api-key", expires_on=expires_on)
             provision_storage_key_secret(stack, "media-storage-key", STORAGE_ACCOUNT, expires_on=expires_on)
-            exports = {**settings, "FUNCTIONS_URL": host.url, "FUNCTION_KEY": key}
+            exports = {
+                **settings,
+                "FUNCTIONS_URL": host.url,
+                "FUNCTION_KEY": key,
+                "FUNCTIONS_MASTER_KEY": host.master_key,
+            }
             args.env_file.parent.mkdir(parents=True, exist_ok=True)
             args.env_file.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in exports.items()))
             args.env_file.chmod(0o600)

@@ -8,6 +8,7 @@ handler ever returns a secret value.
 
 import base64
 import json
+import logging
 import threading
 import time
 import uuid
@@ -29,6 +30,8 @@ from shared.settings import Settings, normalize_vault_url
 
 if TYPE_CHECKING:
     from shared.keys import KeyRotationService
+
+logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024
 MAX_BODY_DEPTH = 8  # the deepest body is an object of lists (adopt's slots)
@@ -163,8 +166,22 @@ def requested_by(headers: Mapping[str, str], settings: Settings) -> str:
     return f"http:{provider[:20]}:{who}"
 
 
+def internal_error() -> ApiResult:
+    """The answer when the service itself is at fault: a clean 500 that says nothing more."""
+    return error(500, "internal", "the service failed to handle this request; it has been logged")
+
+
 def _from_outcome(outcome: Outcome, extra: dict[str, Any] | None = None) -> ApiResult:
-    status = _STATUS_FOR_OUTCOME.get(outcome.status, 500)
+    status = _STATUS_FOR_OUTCOME.get(outcome.status)
+    if status is None:
+        # An engine outcome this API was not taught: a bug here, not the caller's fault. The log
+        # line names the status and the secret only (an outcome's message is not for callers).
+        logger.error(
+            "secret %s: engine outcome %r has no HTTP mapping: answered 500",
+            str(outcome.secret)[:127],
+            str(outcome.status)[:40],
+        )
+        return internal_error()
     if status >= 400:
         message = outcome.message + (f" ({_HINTS[outcome.status]})" if outcome.status in _HINTS else "")
         result = error(status, outcome.status, message)

@@ -19,6 +19,13 @@ On `KeyNearExpiry` / `KeyExpired` for the *current* version of an opted-in key:
    gets an expiry: the policy's `expiryTime` when there is one, otherwise
    `rotation-validity` (tag) or ROTATION_DEFAULT_VALIDITY, so the next KeyNearExpiry comes.
 
+That validity is bounded as Key Vault bounds a policy's `expiryTime`, checked before the key
+is touched: at least 28 days (Key Vault's minimum), and at least 7 days longer than the
+key's Notify lead (`timeBeforeExpiry`, by default 30 days), the margin Key Vault demands of
+a policy's actions; otherwise the new version would be near expiry at once and every
+KeyNearExpiry would rotate again. At most 100 years (Key Vault states no maximum; past that
+the expiry is not a date, and the new version would get none).
+
 Stale events (not the current version), vaults off the allow-list and unmanaged keys are
 dropped with one log line. A duplicate event after a rotation is stale. No ledger: the
 outcome and the log line are the record, and Key Vault's version list is the history.
@@ -42,7 +49,7 @@ from azure.keyvault.keys import (
 )
 
 from shared.config import SECRET_NAME, TAG_ROTATOR, TAG_VALIDITY
-from shared.durations import parse_duration
+from shared.durations import MAX_DURATION, parse_duration
 from shared.errors import ConfigError
 from shared.events import VaultEvent
 from shared.retry import call_with_retry, is_transient
@@ -54,6 +61,7 @@ KEY_ROTATOR = "keyvault-key"
 DEFAULT_NOTIFY_BEFORE_EXPIRY = "P30D"
 MIN_EXPIRES_AFTER = timedelta(days=28)
 MIN_TRIGGER = timedelta(days=7)
+MAX_KEY_VALIDITY = MAX_DURATION  # 100 years
 POLICY_FIELDS = ("rotate_before_expiry", "rotate_after_create", "expires_after", "notify_before_expiry")
 
 # Outcome statuses (the same words the secret engine uses, plus "stale").
@@ -88,13 +96,60 @@ def policy_duration(text: str) -> tuple[str, timedelta]:
         rest = match["rest"]
         extra = parse_duration(f"P{rest}") if rest else timedelta(0)
         length = timedelta(days=365 * int(match["years"] or 0) + 30 * int(match["months"] or 0)) + extra
+        if length > MAX_KEY_VALIDITY:
+            raise ConfigError(f"duration {text[:40]!r} is out of range: at most 100 years (P100Y)")
         return candidate, length
     try:
         return candidate, parse_duration(candidate)
-    except ConfigError:
+    except ConfigError as problem:
+        if "out of range" in str(problem):
+            raise
         raise ConfigError(
             f"invalid duration {text[:40]!r}: use ISO 8601, for example P30D, P90D, P1Y or PT48H"
         ) from None
+
+
+def _days(length: timedelta) -> str:
+    return f"{length.days} days" if length.days and not length % timedelta(days=1) else str(length)
+
+
+def key_validity(tag: str | None, default: timedelta, notify_before_expiry: timedelta) -> timedelta:
+    """How long a new key version is valid: the `rotation-validity` tag, else `default`.
+
+    Bounded as Key Vault bounds a rotation policy's expiryTime (see the module docstring).
+    Raises ConfigError, saying which value is wrong and why.
+    """
+    where = f"tag {TAG_VALIDITY}" if tag else "ROTATION_DEFAULT_VALIDITY"
+    try:
+        length = policy_duration(tag)[1] if tag else default
+    except ConfigError as problem:
+        raise ConfigError(f"{where}: {problem}") from None
+    shortest = max(MIN_EXPIRES_AFTER, notify_before_expiry + MIN_TRIGGER)
+    if length < shortest:
+        reason = (
+            "Key Vault's minimum expiry is 28 days (P28D)"
+            if shortest == MIN_EXPIRES_AFTER
+            else f"Key Vault sends KeyNearExpiry {_days(notify_before_expiry)} before expiry (the key's"
+            " Notify action), so a shorter validity would be rotated again at once"
+        )
+        raise ConfigError(f"{where}: a key version must be valid for at least {_days(shortest)}: {reason}")
+    if length > MAX_KEY_VALIDITY:
+        raise ConfigError(f"{where}: a key version can be valid for at most 100 years")
+    return length
+
+
+def notify_lead(policy: KeyRotationPolicy) -> timedelta:
+    """How long before expiry Key Vault sends KeyNearExpiry: the policy's Notify action, else 30 days."""
+    for action in policy.lifetime_actions or []:
+        if (
+            str(getattr(action.action, "value", action.action)).lower() == "notify"
+            and action.time_before_expiry
+        ):
+            try:
+                return policy_duration(action.time_before_expiry)[1]
+            except ConfigError:
+                break
+    return policy_duration(DEFAULT_NOTIFY_BEFORE_EXPIRY)[1]
 
 
 @dataclass(frozen=True)
@@ -271,9 +326,14 @@ class KeyRotationService:
                 )
             )
         try:
-            validity = policy_duration(tags[TAG_VALIDITY])[1] if tags.get(TAG_VALIDITY) else None
+            # Before anything changes: a validity Key Vault would refuse, or one that would make
+            # every KeyNearExpiry rotate again, leaves the key as it is.
+            validity = key_validity(
+                tags.get(TAG_VALIDITY), self.settings.default_validity, notify_lead(policy)
+            )
         except ConfigError as error:
-            return self._log(KeyOutcome(INVALID, name, f"tag {TAG_VALIDITY}: {error}", vault))
+            message = f"{error}; the key was not rotated (version {version} is still current)"
+            return self._log(KeyOutcome(INVALID, name, message, vault))
 
         def rotate_unless_moved_on() -> KeyVaultKey:
             # A retry after a lost response must not make a second version: look first.
@@ -284,7 +344,7 @@ class KeyRotationService:
 
         new = call_with_retry(rotate_unless_moved_on, what=f"rotate key {name}")
         new_version = new.properties.version or ""
-        self._settle(client, new, tags, validity or self.settings.default_validity)
+        self._settle(client, new, tags, validity)
         return self._log(
             KeyOutcome(
                 ROTATED,

@@ -3,7 +3,9 @@
 The registered functions build their engine from app settings, exactly as on
 the Functions host; the `app_settings` fixture points those settings at the
 local stack. Every log record of the session is kept, so the last test can
-check that no secret value the suite generated ever reached a log.
+check that no secret value the suite generated ever reached a log; every HTTP
+response the function app gave (through the local host or `call_http`) is kept
+too, so another last test can check that none was a 500.
 """
 
 import logging
@@ -17,10 +19,12 @@ import pytest
 from azure.keyvault.secrets import SecretClient
 
 from devstack.postgres import session_user
+from devstack.runner import RESPONSE_HOOKS
 from devstack.stack import LocalStack, app_environment
 from shared import service
 from shared.engine import RotationEngine
 from shared.settings import Settings
+from tests.hosting import CURRENT_TEST, record_runner_response
 
 
 class SessionLogRecorder(logging.Handler):
@@ -43,6 +47,13 @@ def pytest_configure(config: pytest.Config) -> None:
     root = logging.getLogger()
     root.addHandler(SESSION_LOGS)
     root.setLevel(logging.DEBUG)
+    if record_runner_response not in RESPONSE_HOOKS:
+        RESPONSE_HOOKS.append(record_runner_response)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Responses are attributed to the test running (fixtures included) when they were sent."""
+    CURRENT_TEST[0] = item.nodeid
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -7,6 +7,7 @@ the helpers here do the same, then call the registered user function.
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -37,6 +38,25 @@ def event_grid_inputs(payload: Any) -> list[func.EventGridEvent | func.CloudEven
 RESPONSE_BODIES: list[str] = []
 
 
+@dataclass(frozen=True)
+class SeenResponse:
+    test: str  # the node id of the test running when the response was sent
+    via: str  # "runner" (over HTTP, through devstack/runner.py) or "call_http"
+    method: str
+    path: str  # without the query (it may hold a key)
+    status: int
+
+
+# Every HTTP response the function app gave in this run, through the local host or call_http;
+# tests/conftest.py keeps CURRENT_TEST up to date and feeds the runner's responses in.
+RESPONSES: list[SeenResponse] = []
+CURRENT_TEST: list[str] = [""]
+
+
+def record_runner_response(method: str, path: str, status: int) -> None:
+    RESPONSES.append(SeenResponse(CURRENT_TEST[0], "runner", method, path, status))
+
+
 def call_http(
     function_name: str,
     method: str,
@@ -56,7 +76,13 @@ def call_http(
         route_params=route_params or {},
         body=body,
     )
-    response: func.HttpResponse = registered_functions()[function_name](request)
+    try:
+        response: func.HttpResponse = registered_functions()[function_name](request)
+    except Exception:
+        # The host answers a function that raises with a bare 500: count it as one.
+        RESPONSES.append(SeenResponse(CURRENT_TEST[0], "call_http", method, f"/api/{path}", 500))
+        raise
+    RESPONSES.append(SeenResponse(CURRENT_TEST[0], "call_http", method, f"/api/{path}", response.status_code))
     RESPONSE_BODIES.append(response.get_body().decode(errors="replace"))
     return response
 

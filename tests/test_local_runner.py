@@ -46,8 +46,12 @@ def request(
         connection.close()
 
 
-def webhook(name: str) -> str:
-    return f"/runtime/webhooks/eventgrid?functionName={name}"
+def webhook(host: LocalFunctionHost, name: str) -> str:
+    """The webhook path with the `eventgrid_extension` system key, as an Event Grid subscription has it."""
+    return host.eventgrid_webhook_url(name).removeprefix(host.url)
+
+
+NOTIFICATION = {"aeg-event-type": "Notification"}
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +125,11 @@ def test_cloudevents_delivery_is_invoked_too(
     event = stack.vault.events_for(unique, schema="CloudEventSchemaV1_0")
     body = json.dumps(event).encode()
     status, _, _ = request(
-        host, "POST", webhook("keyvault_events"), body, {"Content-Type": "application/cloudevents+json"}
+        host,
+        "POST",
+        webhook(host, "keyvault_events"),
+        body,
+        {"Content-Type": "application/cloudevents+json", **NOTIFICATION},
     )
     assert status == 200
     assert vault.get_secret(unique).properties.version != managed.first_version.properties.version
@@ -142,7 +150,7 @@ def test_subscription_validation_handshakes(host: LocalFunctionHost) -> None:
     status, body, _ = request(
         host,
         "POST",
-        webhook("keyvault_events"),
+        webhook(host, "keyvault_events"),
         json.dumps(validation).encode(),
         {"aeg-event-type": "SubscriptionValidation", "Content-Type": "application/json"},
     )
@@ -151,16 +159,14 @@ def test_subscription_validation_handshakes(host: LocalFunctionHost) -> None:
     # CloudEvents v1.0 abuse-protection handshake
     origin = "eventgrid.azure.net"
     status, _, response = request(
-        host, "OPTIONS", webhook("keyvault_events"), headers={"WebHook-Request-Origin": origin}
+        host, "OPTIONS", webhook(host, "keyvault_events"), headers={"WebHook-Request-Origin": origin}
     )
     assert (status, response.getheader("WebHook-Allowed-Origin")) == (200, origin)
 
 
 @pytest.mark.parametrize("body", [b"not json {", b"42", b'"a string"', b"[1, 2]"])
 def test_a_body_that_is_not_an_event_gets_400(host: LocalFunctionHost, body: bytes) -> None:
-    status, error, _ = request(
-        host, "POST", webhook("keyvault_events"), body, {"aeg-event-type": "Notification"}
-    )
+    status, error, _ = request(host, "POST", webhook(host, "keyvault_events"), body, NOTIFICATION)
     assert status == 400
     assert error["error"]["code"] in ("InvalidJson", "InvalidPayload")
 
@@ -168,7 +174,7 @@ def test_a_body_that_is_not_an_event_gets_400(host: LocalFunctionHost, body: byt
 def test_an_oversize_body_gets_413_before_it_is_read(host: LocalFunctionHost) -> None:
     connection = http.client.HTTPConnection(host.url.removeprefix("http://"), timeout=10)
     try:
-        connection.putrequest("POST", webhook("keyvault_events"))
+        connection.putrequest("POST", webhook(host, "keyvault_events"))
         connection.putheader("Content-Type", "application/json")
         connection.putheader("Content-Length", str(MAX_BODY + 1))
         connection.endheaders()  # no body sent: the answer must come from the header alone
@@ -181,13 +187,13 @@ def test_an_oversize_body_gets_413_before_it_is_read(host: LocalFunctionHost) ->
 
 @pytest.mark.parametrize("name", ["no_such_function", "rotation_sweeper"])
 def test_unknown_or_non_event_grid_function_gets_404(host: LocalFunctionHost, name: str) -> None:
-    status, error, _ = request(host, "POST", webhook(name), b"[]")
+    status, error, _ = request(host, "POST", webhook(host, name), b"[]", NOTIFICATION)
     assert status == 404
     assert error["error"]["code"] == "FunctionNotFound"
 
 
 def test_host_status_lists_the_functions(host: LocalFunctionHost) -> None:
-    status, body, _ = request(host, "GET", "/admin/host/status")
+    status, body, _ = request(host, "GET", "/admin/host/status", headers={"x-functions-key": host.master_key})
     assert (status, body["state"]) == (200, "Running")
     assert body["functions"] == list(host.functions)
     assert {"keyvault_events", "rotation_sweeper"} <= set(body["functions"])
@@ -206,7 +212,9 @@ def test_a_function_that_raises_gets_500_so_event_grid_redelivers(
         "dataVersion": "1",
     }
     with LocalFunctionHost(test_app, timer_interval=3600) as local, caplog.at_level(logging.ERROR):
-        status, error, _ = request(local, "POST", webhook("explodes"), json.dumps([event]).encode())
+        status, error, _ = request(
+            local, "POST", webhook(local, "explodes"), json.dumps([event]).encode(), NOTIFICATION
+        )
     assert status == 500
     assert error["error"]["code"] == "FunctionFailed"
     failures = [r for r in caplog.records if r.name == "devstack.runner" and r.levelno >= logging.ERROR]
@@ -222,8 +230,9 @@ def test_timers_survive_exceptions_never_overlap_and_run_on_demand(caplog: pytes
         deadline = time.monotonic() + 10
         while len(timer_calls) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        status, _, _ = request(local, "POST", "/admin/functions/slow_flaky_timer", b'{"input": ""}')
-        missing, _, _ = request(local, "POST", "/admin/functions/explodes", b'{"input": ""}')
+        master = {"x-functions-key": local.master_key}
+        status, _, _ = request(local, "POST", "/admin/functions/slow_flaky_timer", b'{"input": ""}', master)
+        missing, _, _ = request(local, "POST", "/admin/functions/explodes", b'{"input": ""}', master)
     assert len(timer_calls) >= 3  # the first tick raised; the thread carried on
     assert timer_active[1] == 1  # a tick never started while the previous run was going
     assert (status, missing) == (202, 404)

@@ -460,7 +460,7 @@ def _deliver(subscription: Subscription, event: dict[str, Any]) -> Delivery:
         "event %s %s -> %s: %s",
         event.get("eventType", event.get("type")),
         event.get("subject"),
-        subscription.url,
+        urlsplit(subscription.url).path,  # the query holds the webhook's key
         status,
     )
     return Delivery(subscription.url, subscription.schema, event, status, attempts, error)
