@@ -9,10 +9,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from shared.durations import parse_duration
-from shared.errors import ConfigError, NotManaged, TargetNotAllowed
+from shared.errors import ConfigError, InvalidInput, NotManaged, TargetNotAllowed
+from shared.jsonsafe import parse_int
 from shared.settings import Settings
 from shared.windows import Window, parse_windows
 
@@ -55,6 +56,7 @@ DEFAULT_SLOTS = {"storage-key": "key1,key2"}
 MIN_VALIDITY = timedelta(hours=1)
 MAX_VALIDITY = timedelta(days=5 * 366)
 MAX_PROBES = 5
+MAX_TAGS = 15  # Key Vault's limit per secret version
 
 
 @dataclass(frozen=True)
@@ -139,22 +141,33 @@ def parse_target(text: str) -> Target:
     if not _HOST.match(host):
         raise ConfigError(f"invalid target host in {raw[:80]!r}")
     try:
-        port = int(port_text) if port_text else 5432
-    except ValueError:
+        port = parse_int(port_text, low=1, high=65535, what="port") if port_text else 5432
+    except InvalidInput:
         raise ConfigError(f"invalid target port in {raw[:80]!r}") from None
-    if not 0 < port < 65536:
-        raise ConfigError(f"invalid target port in {raw[:80]!r}")
     if database and not _DBNAME.match(database):
         raise ConfigError(f"invalid database name in target {raw[:80]!r}")
     return Target(host=host.lower(), port=port, database=database)
 
 
-def _target_from_url(url: str) -> Target:
-    parts = urlsplit(url)
+def _url_port(url: str, default: int) -> tuple[SplitResult, int]:
+    """The URL's parts and port (ASCII digits, 1-65535), or ConfigError."""
     try:
-        port = parts.port or 443
+        parts = urlsplit(url)
+        netloc_port = parts.netloc.rpartition("]")[2].rpartition(":")[2] if ":" in parts.netloc else ""
+        if netloc_port and not netloc_port.isascii():
+            raise ValueError
+        port = parts.port
     except ValueError:
-        raise ConfigError(f"invalid target port in {url[:80]!r}") from None
+        raise ConfigError(f"invalid URL or port in {url[:80]!r}") from None
+    if port is None:
+        return parts, default
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"invalid port in {url[:80]!r}")
+    return parts, port
+
+
+def _target_from_url(url: str) -> Target:
+    parts, port = _url_port(url, 443)
     host = parts.hostname or ""
     path = parts.path.strip("/")
     if not _HOST.match(host) or not _URL_PATH.match(path) or parts.query or parts.fragment or parts.username:
@@ -187,10 +200,9 @@ def _not_allowed(what: str, settings: Settings, vault_url: str | None) -> Target
 
 
 def _check_probe(url: str, settings: Settings, vault_url: str | None) -> str:
-    parts = urlsplit(url)
+    parts, port = _url_port(url, 443 if url.lower().startswith("https:") else 80)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ConfigError(f"invalid consumer probe {url[:80]!r}: an http(s) URL is required")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     if not settings.target_allowed(parts.hostname, port, vault_url):
         raise _not_allowed(f"consumer probe host {parts.hostname}:{port}", settings, vault_url)
     return url
@@ -236,9 +248,11 @@ def parse_config(
     if validity_text:
         validity = parse_duration(validity_text)
     elif validity_days:
-        if not validity_days.isdigit():
-            raise ConfigError(f"tag {MS_VALIDITY_DAYS} must be a whole number of days")
-        validity = timedelta(days=int(validity_days))
+        try:
+            days = parse_int(validity_days, low=1, high=MAX_VALIDITY.days, what=f"tag {MS_VALIDITY_DAYS}")
+        except InvalidInput as error:
+            raise ConfigError(f"{error} (a whole number of days)") from None
+        validity = timedelta(days=days)
     else:
         validity = settings.default_validity
     if not MIN_VALIDITY <= validity <= MAX_VALIDITY:
@@ -263,7 +277,7 @@ def parse_config(
     window_text = _tag(tags, TAG_WINDOW)
     windows = parse_windows(window_text) if window_text else ()
 
-    return RotationConfig(
+    config = RotationConfig(
         rotator=rotator,
         target=target,
         slots=(slots[0], slots[1]),
@@ -275,3 +289,10 @@ def parse_config(
         windows=windows,
         tags=tags,
     )
+    written = len(config.tags_for_new_version(config.inactive_slot, "-"))
+    if written > MAX_TAGS:
+        raise ConfigError(
+            f"the new version would carry {written} tags (the rotation adds its own) and Key Vault allows "
+            f"{MAX_TAGS}: remove {written - MAX_TAGS} tag(s)"
+        )
+    return config
