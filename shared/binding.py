@@ -24,7 +24,7 @@ import uuid
 from contextlib import suppress
 
 from azure.core.exceptions import ResourceNotFoundError
-from azure.keyvault.secrets import SecretClient
+from azure.keyvault.secrets import KeyVaultSecret, SecretClient, SecretProperties
 
 from shared.config import (
     MS_CREDENTIAL_ID,
@@ -144,7 +144,7 @@ def prove_possession(
 
 
 def admit(
-    rt: Runtime, state: SecretState, client: SecretClient, config: RotationConfig, *, version: str, value: str
+    rt: Runtime, state: SecretState, client: SecretClient, config: RotationConfig, current: KeyVaultSecret
 ) -> Outcome | None:
     """Before a rotation or a dry run: the tags match the binding and the value proves possession.
     A legacy secret is bound here. Returns the refusal (or failure) outcome, or None to go on."""
@@ -155,13 +155,13 @@ def admit(
                 "not bound to an upstream identity: an operator must adopt or bind it "
                 f"(POST /api/secrets/{state.name}/bind, or `rotation bind {state.name}`)"
             )
-        prove_possession(rt, config, client, state.name, value)
+        prove_possession(rt, config, client, state.name, current.value or "")
         if not state.binding:
             _bind(rt, state, config, "first rotation after upgrade (possession proven)")
     except Refused as error:
-        return refuse(rt, state, version, error)
+        return refuse(rt, state, current.properties, error)
     except ConfigError as error:
-        return logged(Outcome(MISCONFIGURED, state.name, str(error)))
+        return report_once(rt, state, current.properties, MISCONFIGURED, str(error))
     except ConcurrentUpdate:
         return logged(Outcome(IN_PROGRESS, state.name, "a rotation of this secret is in progress"))
     except RotationError as error:
@@ -185,15 +185,30 @@ def check_retire(
         prove_possession(rt, config, client, state.name, value)
 
 
-def refuse(rt: Runtime, state: SecretState, version: str, error: Refused) -> Outcome:
-    """Record and report a refusal: once per secret version, then one log line per repeat."""
-    message = str(error)
-    marker = f"{version}:{hashlib.sha256(message.encode()).hexdigest()[:12]}"
-    outcome = Outcome(REFUSED, state.name, message, state.rotation_id)
+def refusal_key(version: str, tags: dict[str, str] | None) -> str:
+    """What a refusal was about: one version with one set of tags. Changing either (a fixed
+    tag, a new value) is worth another attempt; the sweep skips the rest."""
+    digest = hashlib.sha256(json.dumps(tags or {}, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{version}:{digest}:"
+
+
+def refuse(rt: Runtime, state: SecretState, current: SecretProperties, error: Refused) -> Outcome:
+    return report_once(rt, state, current, REFUSED, str(error))
+
+
+def report_once(
+    rt: Runtime, state: SecretState, current: SecretProperties, status: str, message: str
+) -> Outcome:
+    """Record and report a refusal or a misconfiguration once per version and tags (status, list,
+    one notification); a repeat is one log line."""
+    marker = (
+        refusal_key(current.version or "", current.tags) + hashlib.sha256(message.encode()).hexdigest()[:12]
+    )
+    outcome = Outcome(status, state.name, message, state.rotation_id)
     if state.refused == marker:
-        logger.info("%s: refused again (already reported): %s", state.name, message)
+        logger.info("%s: %s again (already reported): %s", state.name, status, message)
         return outcome
-    state.refused, state.last_outcome, state.last_error = marker, REFUSED, message[:500]
+    state.refused, state.last_outcome, state.last_error = marker, status, message[:500]
     state.last_attempt_on = rt.clock()
     rt.save_quietly(state)
     return rt.tell(logged(outcome), state)
@@ -269,7 +284,7 @@ def _bind(rt: Runtime, state: SecretState, config: RotationConfig, by: str) -> s
         )
     state.binding, state.bound_by, state.bound_on = binding_of(rt, config), by[:200], rt.clock()
     state.refused = ""
-    if state.last_outcome == REFUSED:
+    if state.last_outcome in (REFUSED, MISCONFIGURED):
         state.last_outcome, state.last_error = "", ""
     rt.ledger.save(state)
     return f"bound to {config.rotator} {config.target}, slots {', '.join(config.slots)}"

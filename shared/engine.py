@@ -186,7 +186,8 @@ class RotationEngine:
         except NotManaged as error:
             return logged(Outcome(NOT_MANAGED, name, str(error)))
         except ConfigError as error:
-            return logged(Outcome(MISCONFIGURED, name, str(error)))
+            row = state or SecretState(vault_url=vault_url, name=name)
+            return binding.report_once(rt, row, current.properties, MISCONFIGURED, str(error))
         if expected_version and current.properties.version != expected_version:
             return logged(Outcome(DROPPED, name, f"stale event: version {expected_version} is not current"))
 
@@ -205,7 +206,7 @@ class RotationEngine:
 
         state = state or SecretState(vault_url=vault_url, name=name)
         version = current.properties.version or ""
-        refusal = binding.admit(rt, state, client, config, version=version, value=current.value or "")
+        refusal = binding.admit(rt, state, client, config, current)
         if refusal is not None:
             return refusal
         return steps.start(

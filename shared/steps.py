@@ -274,7 +274,7 @@ def retire(rt: Runtime, state: SecretState, current: SecretProperties | None = N
         try:
             binding.check_retire(rt, state, config, client, current.version or "")
         except Refused as error:
-            return binding.refuse(rt, state, current.version or "", error)
+            return binding.refuse(rt, state, current, error)
         if config.current_slot == state.retire_slot:
             raise UnsafeOperation(
                 f"slot {state.retire_slot} is the one the newest version uses: refusing to retire it"

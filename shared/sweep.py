@@ -5,13 +5,15 @@ import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 
 from azure.keyvault.secrets import SecretProperties
 
 from shared import steps
-from shared.config import is_managed
+from shared.binding import refusal_key
+from shared.config import is_managed, parse_config
+from shared.errors import ConfigError
 from shared.inventory import list_secrets, record_inventory
 from shared.ledger import OVERLAP, ROTATING, SecretState
 from shared.outcomes import ROLLED_BACK, ROTATION_FAILED, Outcome, describe_error
@@ -48,6 +50,7 @@ def sweep(rt: Runtime, rotate: Callable[..., Outcome]) -> list[Outcome]:
         due = _due_for_rotation(
             rt,
             enabled=props.enabled,
+            vault_url=vault_url,
             version=props.version or "",
             tags=props.tags,
             expires_on=props.expires_on,
@@ -84,10 +87,21 @@ def _run_all(rt: Runtime, work: list[tuple[str, Callable[[], Outcome]]]) -> list
         return [outcome for outcomes in pool.map(run_one, work) for outcome in outcomes]
 
 
+def lead_time(rt: Runtime, tags: dict[str, str] | None, vault_url: str) -> timedelta:
+    """How long before expiry the sweep rotates: ROTATION_SWEEP_LEAD_TIME, clamped to half the
+    secret's validity, so a short-lived secret is not rotated again on the next sweep."""
+    try:
+        validity = parse_config(tags, rt.settings, vault_url=vault_url).validity
+    except ConfigError:
+        return rt.settings.sweep_lead_time  # due: the rotation reports the misconfiguration, once
+    return min(rt.settings.sweep_lead_time, validity / 2)
+
+
 def _due_for_rotation(
     rt: Runtime,
     *,
     enabled: bool | None,
+    vault_url: str,
     version: str,
     tags: dict[str, str] | None,
     expires_on: datetime | None,
@@ -99,7 +113,9 @@ def _due_for_rotation(
         return False
     if state and state.state in (ROTATING, OVERLAP):
         return False
-    if state and state.refused.startswith(f"{version}:"):  # refused and reported: an operator acts
+    if state and state.refused.startswith(refusal_key(version, tags)):  # reported: an operator acts
+        return False
+    if expires_on > now + lead_time(rt, tags, vault_url):
         return False
     failed_recently = (
         state is not None

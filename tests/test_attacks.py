@@ -9,6 +9,7 @@ the binding is one layer, the proof of possession and the slot rules are the oth
 
 import json
 import secrets
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -353,3 +354,38 @@ def can_log_in(stack: LocalStack, role: str) -> bool:
     with stack.postgres.admin_connect() as conn:
         row = conn.execute("SELECT rolcanlogin FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
     return bool(row and row[0])
+
+
+def test_a_misconfigured_secret_is_reported_once_and_retried_when_its_tags_change(
+    stack: LocalStack, vault: SecretClient, unique: str, engine_with: Any
+) -> None:
+    told: list[dict[str, Any]] = []
+    engine_with(notify=told.append)
+    provision_postgres_secret(stack, unique, prefix=unique, expires_on=soon(20))
+    retag(vault, unique, rotation_overlap="P1000D")  # longer than the validity
+    for _ in range(2):
+        attack_by_event_and_timer(stack, unique)
+    assert [note["status"] for note in told if note["secret"] == unique] == ["misconfigured"]
+    status = service.engine().status(stack.vault.vault_url, unique)
+    assert (status["last_outcome"], status["configuration_error"]) == (
+        "misconfigured",
+        "overlap must be shorter than validity",
+    )
+    retag(vault, unique, rotation_overlap="PT1H")  # fixed: the next sweep rotates it
+    tick_sweeper()
+    assert service.engine().status(stack.vault.vault_url, unique)["last_outcome"] == "rotated"
+
+
+@pytest.mark.parametrize(("expires_in_days", "rotated"), [(5, False), (3, True)])
+def test_the_sweep_lead_time_is_clamped_to_half_a_short_validity(
+    stack: LocalStack, vault: SecretClient, unique: str, expires_in_days: int, rotated: bool
+) -> None:
+    """P7D with the default 28-day lead time: rotated 3.5 days before expiry, not on every sweep."""
+    provision_postgres_secret(
+        stack, unique, prefix=unique, expires_on=soon(expires_in_days), validity=timedelta(days=7)
+    )
+    tick_sweeper()
+    assert (len(versions(vault, unique)) == 2) is rotated
+    if rotated:  # and the new version, 7 days from expiry, is not due again
+        tick_sweeper()
+        assert len(versions(vault, unique)) == 2
