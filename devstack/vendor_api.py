@@ -157,6 +157,7 @@ class VendorApi:
         self.requests: list[tuple[str, str, int]] = []
         self._wire = _SHAPES[shape]
         self._lock = threading.RLock()
+        self._issued: set[str] = set()  # every key and admin key ever made, for leak scans
         self._accounts: dict[str, _Account] = {}
         self._faults: list[_Fault] = []
         self._certs: CertPaths | None = None
@@ -229,7 +230,13 @@ class VendorApi:
         admin_key = f"adm_{secrets.token_urlsafe(24)}"
         with self._lock:
             self._accounts[admin_key] = _Account(admin_key)
+            self._issued.add(admin_key)
         return admin_key
+
+    def issued_keys(self) -> set[str]:
+        """Every admin key and key this stand-in ever made, revoked ones included."""
+        with self._lock:
+            return set(self._issued)
 
     def issue(self, admin_key: str, name: str) -> tuple[str, str]:
         """Create a key directly (provisioning in tests): returns (id, key)."""
@@ -351,6 +358,7 @@ class VendorApi:
             active_at=time.monotonic() + self.activation_delay,
         )
         account.keys[key.id] = key
+        self._issued.add(key.secret)
         return 201, self._wrap(
             {wire.id: key.id, wire.name: name, wire.secret: key.secret, wire.created: created}
         )

@@ -183,7 +183,8 @@ def _from_outcome(outcome: Outcome, extra: dict[str, Any] | None = None) -> ApiR
         )
         return internal_error()
     if status >= 400:
-        message = outcome.message + (f" ({_HINTS[outcome.status]})" if outcome.status in _HINTS else "")
+        hint = _HINTS.get(outcome.status) if not outcome.new_version else None  # the message says it
+        message = outcome.message + (f" ({hint})" if hint else "")
         result = error(status, outcome.status, message)
         if outcome.rotation_id:
             result.body["rotation_id"] = outcome.rotation_id

@@ -328,10 +328,18 @@ def fail(
     written = state.step not in _BEFORE_WRITE
     retryable = not isinstance(error, ConfigError | UnsafeOperation | Refused)
     logger.error("%s: rotation %s failed at step %s: %s", state.name, state.rotation_id, state.step, message)
+    if state.new_version:  # say what is true now: consumers may already read the new version
+        message += (
+            f"; version {state.new_version} (slot {state.to_slot}) is already live in Key Vault and "
+            f"works upstream, and the previous slot {state.from_slot} still works"
+        )
     if written and retryable and state.attempts < rt.settings.max_attempts:
         # The new version is live: keep the rotation open so the next trigger finishes it.
         rt.save_quietly(state)
-        return Outcome(ROTATION_FAILED, state.name, message, state.rotation_id, retryable=True)
+        message += "; the next trigger finishes the rotation"
+        return Outcome(
+            ROTATION_FAILED, state.name, message, state.rotation_id, state.new_version, retryable=True
+        )
     revoked = True
     if not written and revoke is not None and state.pending_credential:
         rotator, context = revoke
@@ -353,7 +361,12 @@ def fail(
     rt.save_quietly(state)
     rt.write_history(state, outcome=ROTATION_FAILED, ended_on=now, error=message)
     outcome = Outcome(
-        ROTATION_FAILED, state.name, message, state.rotation_id, retryable=retryable and not written
+        ROTATION_FAILED,
+        state.name,
+        message,
+        state.rotation_id,
+        state.new_version,
+        retryable=retryable and not written,
     )
     return rt.tell(outcome, state)
 

@@ -239,6 +239,30 @@ def test_upstream_failure_is_502_and_consumers_keep_working(
     assert "password authentication failed" in state["last_error"]
 
 
+def test_a_failure_after_the_write_says_the_new_version_is_live(
+    stack: LocalStack, vault: SecretClient, unique: str, engine_with: Any
+) -> None:
+    """The ledger becomes unreachable right after Key Vault took the new version: the 502 must
+    not claim that consumers still hold the previous credential."""
+    provision_postgres_secret(stack, unique, prefix=unique, expires_on=soon(200))
+
+    def ledger_down(point: str) -> None:
+        if point == "before:finish":
+            raise ConnectionError("the ledger's table endpoint is unreachable")
+
+    engine_with(checkpoint=ledger_down)
+    response = rotate(unique)
+    assert response.status_code == 502
+    message = body_of(response)["error"]["message"]
+    newest = vault.get_secret(unique)
+    assert (
+        f"version {newest.properties.version} (slot {unique}_green) is already live in Key Vault" in message
+    )
+    assert "the next trigger finishes the rotation" in message
+    assert "previous, working credential" not in message
+    assert can_login(stack, json.loads(newest.value or "{}"))
+
+
 def test_rotation_window_holds_automatic_and_manual_unless_overridden(
     stack: LocalStack, vault: SecretClient, unique: str
 ) -> None:

@@ -24,9 +24,12 @@ def secrets_in(value: str) -> set[str]:
 
 @pytest.mark.last
 def test_no_secret_value_appears_in_any_log_or_response(stack: LocalStack) -> None:
+    # Every value stored in the vault, and every key an upstream issued (dry runs and
+    # revoked keys included, which the vault never saw).
     generated: set[str] = {stack.postgres.admin_password}
     for value in stack.vault.values_stored():
         generated |= secrets_in(value)
+    generated |= stack.vendor.issued_keys() | stack.storage.generated_keys()
     generated = {value for value in generated if len(value) >= 8}
 
     sources = {
