@@ -99,6 +99,7 @@ from devstack.stack import (
     provision_postgres_secret,
     provision_storage_key_secret,
 )
+from rotators.base import TAG_ADMIN_FOR
 from shared import service
 from shared.engine import CHECKPOINTS, RotationEngine
 from shared.ledger import FAILED, IDLE, OVERLAP, ROTATING
@@ -333,7 +334,12 @@ class ApiKeyKind:
         vault = self._stack.secret_client()
         admin_key = self.vendor.add_account()
         self._admin[secret] = admin_key
-        vault.set_secret(f"{secret}-admin", json.dumps({"key": admin_key}), content_type="application/json")
+        vault.set_secret(
+            f"{secret}-admin",
+            json.dumps({"key": admin_key}),
+            content_type="application/json",
+            tags={TAG_ADMIN_FOR: secret},
+        )
         key_id, key = self.vendor.issue(admin_key, "primary")
         value = {"engine": "api-key", "base_url": self.vendor.base_url, "key_id": key_id, "key": key}
         tags = {
@@ -349,6 +355,7 @@ class ApiKeyKind:
         vault.set_secret(
             secret, json.dumps(value), tags=tags, expires_on=expires_on, content_type="application/json"
         )
+        self._stack.operator_bind(secret)
 
     def authenticate(self, value: str) -> Auth:
         try:
