@@ -30,6 +30,7 @@ def roles_like(stack: LocalStack, prefix: str) -> set[str]:
         ({"rotation-probes": "http://169.254.169.254/metadata"}, "not in ROTATION_ALLOWED_TARGETS"),
         ({"rotation-admin-secret": "../../other-vault/secret"}, "not a valid secret name"),
         ({"rotation-validity": "P1Y"}, "years and months"),
+        ({f"team-tag-{n}": "x" for n in range(7)}, "would carry 16 tags"),  # 15 with rotation-id's
     ],
 )
 def test_hostile_tags_change_nothing(
