@@ -117,13 +117,7 @@ class StorageKeyRotator:
         account = _account(context.config)
         done: list[str] = []
         with self._management(context) as client:
-            keys = self._keys(
-                self._call(
-                    lambda: client.storage_accounts.list_keys(account.group, account.name),
-                    "list keys",
-                    account,
-                )
-            )
+            keys = self._list_keys(client, account)
             try:
                 # The key operator role cannot read the account: this check is a courtesy.
                 properties = call_with_retry(
@@ -168,13 +162,7 @@ class StorageKeyRotator:
         except VerificationFailed as error:
             raise PossessionNotProven(str(error)) from None
         with self._management(context) as client:
-            keys = self._keys(
-                self._call(
-                    lambda: client.storage_accounts.list_keys(account.group, account.name),
-                    "list keys",
-                    account,
-                )
-            )
+            keys = self._list_keys(client, account)
         if not hmac.compare_digest(keys.get(slot, "").encode(), presented.encode()):
             raise PossessionNotProven(f"the secret's value is not {account}'s {slot}")
 
@@ -233,16 +221,17 @@ class StorageKeyRotator:
             )
             keys = self._keys(result)
             if slot not in keys:  # some API versions answer without the keys: ask for them
-                keys = self._keys(
-                    self._call(
-                        lambda: client.storage_accounts.list_keys(account.group, account.name),
-                        "list keys",
-                        account,
-                    )
-                )
+                keys = self._list_keys(client, account)
         if slot not in keys:
             raise UpstreamError(f"{account} did not return {slot} after regenerating it")
         return keys[slot]
+
+    def _list_keys(self, client: StorageManagementClient, account: _Account) -> dict[str, str]:
+        return self._keys(
+            self._call(
+                lambda: client.storage_accounts.list_keys(account.group, account.name), "list keys", account
+            )
+        )
 
     @staticmethod
     def _keys(result: StorageAccountListKeysResult) -> dict[str, str]:

@@ -10,17 +10,20 @@ too, so another last test can check that none was a 500.
 
 import logging
 import os
+import secrets
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 import pytest
 from azure.keyvault.secrets import SecretClient
+from psycopg import sql
 
 from devstack.postgres import session_user
 from devstack.runner import RESPONSE_HOOKS
-from devstack.stack import LocalStack, app_environment
+from devstack.stack import APP_DATABASE, LocalStack, app_environment
 from shared import service
 from shared.engine import RotationEngine
 from shared.settings import Settings
@@ -118,3 +121,24 @@ def can_login(stack: LocalStack, credential: dict[str, object]) -> bool:
         return login(stack, credential) == credential["username"]
     except psycopg.OperationalError:
         return False
+
+
+def login_role(stack: LocalStack, group: str, role: str) -> dict[str, Any]:
+    """A group and a login role in it, made by hand as a DBA would; the role's credential."""
+    password = secrets.token_urlsafe(24)
+    with stack.postgres.admin_connect() as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(group)))
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
+                sql.Identifier(role), sql.Literal(password), sql.Identifier(group)
+            )
+        )
+    pg = stack.postgres
+    return {
+        "engine": "postgres",
+        "host": pg.host,
+        "port": pg.port,
+        "dbname": APP_DATABASE,
+        "username": role,
+        "password": password,
+    }

@@ -8,7 +8,6 @@ the binding is one layer, the proof of possession and the slot rules are the oth
 """
 
 import json
-import secrets
 from datetime import timedelta
 from typing import Any
 
@@ -26,7 +25,7 @@ from devstack.stack import (
 )
 from shared import service
 from shared.engine import RotationEngine
-from tests.conftest import can_login, soon
+from tests.conftest import can_login, login_role, soon
 from tests.hosting import deliver_event, tick_sweeper
 
 pytestmark = pytest.mark.usefixtures("app_settings")
@@ -323,26 +322,6 @@ def test_a_secret_rotated_before_bindings_existed_is_bound_by_its_next_rotation(
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def login_role(stack: LocalStack, group: str, role: str) -> dict[str, Any]:
-    password = secrets.token_urlsafe(24)
-    with stack.postgres.admin_connect() as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(group)))
-        conn.execute(
-            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
-                sql.Identifier(role), sql.Literal(password), sql.Identifier(group)
-            )
-        )
-    pg = stack.postgres
-    return {
-        "engine": "postgres",
-        "host": pg.host,
-        "port": pg.port,
-        "dbname": APP_DATABASE,
-        "username": role,
-        "password": password,
-    }
 
 
 def role_exists(stack: LocalStack, role: str) -> bool:

@@ -1,15 +1,13 @@
 """The operator CLI, against the local stack, with the same settings as the Function App."""
 
 import json
-import secrets
 
 import pytest
 from azure.keyvault.secrets import SecretClient
-from psycopg import sql
 
 from devstack.stack import ADMIN_SECRET, APP_DATABASE, LocalStack, provision_postgres_secret
 from shared.cli import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, run
-from tests.conftest import can_login, soon
+from tests.conftest import can_login, login_role, soon
 
 pytestmark = pytest.mark.usefixtures("app_settings")
 
@@ -105,24 +103,3 @@ def test_sweep_and_adopt(
     assert code == EXIT_OK, capsys.readouterr().err
     assert capsys.readouterr().out.startswith("adopted: current credential proven and bound")
     assert (vault.get_secret(plain).properties.tags or {})["rotation-pg-group"] == group
-
-
-def login_role(stack: LocalStack, group: str, role: str) -> dict[str, object]:
-    """A group and a login role in it, made by hand as a DBA would; the role's credential."""
-    password = secrets.token_urlsafe(24)
-    with stack.postgres.admin_connect() as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(group)))
-        conn.execute(
-            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
-                sql.Identifier(role), sql.Literal(password), sql.Identifier(group)
-            )
-        )
-    pg = stack.postgres
-    return {
-        "engine": "postgres",
-        "host": pg.host,
-        "port": pg.port,
-        "dbname": APP_DATABASE,
-        "username": role,
-        "password": password,
-    }
