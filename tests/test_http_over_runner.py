@@ -47,6 +47,7 @@ def request(
 ROUTES = [
     ("POST", "/api/secrets/anything/rotate"),
     ("POST", "/api/secrets/anything/adopt"),
+    ("POST", "/api/secrets/anything/bind"),
     ("GET", "/api/secrets/anything/rotation"),
     ("GET", "/api/rotations"),
 ]
@@ -82,6 +83,10 @@ def test_api_honours_its_openapi_contract(case: schemathesis.Case[Any], host: Lo
     excluded: list[Any] = []
     if case.operation.path == "/rotations":
         # An opaque continuation token cannot be described by a schema: random ones are rightly 400.
+        excluded.append(positive_data_acceptance)
+    if case.operation.path == "/keys/{name}/rotation-policy":
+        # Durations bound each other (expiry at least 7 days beyond the notify lead, 100 years
+        # at most), which a schema cannot say: such bodies are rightly 400.
         excluded.append(positive_data_acceptance)
     case.call_and_validate(
         base_url=f"{host.url}/api", headers={"x-functions-key": KEY}, excluded_checks=excluded
