@@ -8,6 +8,8 @@ the binding is one layer, the proof of possession and the slot rules are the oth
 """
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -287,6 +289,26 @@ def test_names_differing_only_in_case_are_one_secret(
     assert again.status == "deferred"  # the overlap of the first rotation holds, whatever the case
     assert engine.status(stack.vault.vault_url, managed.name.upper())["state"] == "overlap"
     assert len(versions(vault, managed.name)) == 2
+
+
+def test_three_spellings_at_once_run_one_rotation(
+    stack: LocalStack, vault: SecretClient, unique: str
+) -> None:
+    name = f"{unique}-db"
+    provision_postgres_secret(stack, name, prefix=unique, expires_on=soon(20), overlap="PT1H")
+    engine = service.engine()
+    spellings = [name, name.upper(), name[:3].upper() + name[3:]]
+    start = threading.Barrier(len(spellings))
+
+    def rotate(spelling: str) -> str:
+        start.wait()
+        return engine.rotate(stack.vault.vault_url, spelling, trigger="manual").status
+
+    with ThreadPoolExecutor(len(spellings)) as pool:
+        statuses = sorted(pool.map(rotate, spellings))
+    assert statuses.count("rotated") == 1, statuses
+    assert set(statuses) <= {"rotated", "in_progress", "deferred"}
+    assert len(versions(vault, name)) == 2
 
 
 def test_a_refusal_is_reported_once(
