@@ -86,9 +86,13 @@ def parse_event(event_type: str | None, event_id: str | None, data: Any) -> Vaul
     noun = expected.lower()
     fields = _lower_keys(data)
     object_id = _text(fields, "id")
-    parts = urlsplit(object_id)
+    try:
+        parts = urlsplit(object_id)
+        hostname = parts.hostname
+    except ValueError:  # "https://[..." and other URLs urlsplit cannot take apart
+        raise InvalidEvent(f"event data Id is not a Key Vault {noun} version URL") from None
     path = parts.path.strip("/").split("/")
-    if parts.scheme != "https" or not parts.hostname or len(path) != 3 or path[0] != f"{noun}s":
+    if parts.scheme != "https" or not hostname or len(path) != 3 or path[0] != f"{noun}s":
         raise InvalidEvent(f"event data Id is not a Key Vault {noun} version URL")
     _, id_name, id_version = path
     name = _text(fields, "objectname") or id_name

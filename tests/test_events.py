@@ -112,3 +112,12 @@ def test_a_hostile_queue_message_is_consumed_with_one_log_line(caplog: pytest.Lo
     dropped = [r for r in caplog.records if "dropped Key Vault event from queue message" in r.getMessage()]
     assert len(dropped) == 1
     assert "nested deeper" in dropped[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    "object_id", ["https://[myvault.vault.azure.net/secrets/db/0123", "https://myvault]/secrets/db/01"]
+)
+def test_an_id_urlsplit_cannot_take_apart_is_an_invalid_event(object_id: str) -> None:
+    """Found by the property test of queue messages: urlsplit raises ValueError on these."""
+    with pytest.raises(InvalidEvent, match="not a Key Vault secret version URL"):
+        parse_event(SECRET_NEAR_EXPIRY, "e1", {"Id": object_id, "ObjectName": "db", "Version": "0123"})
