@@ -224,6 +224,9 @@ async def run(request: dict[str, Any], host_logs: HostLogs) -> dict[str, Any]:
             await runtime.function_load_request(
                 Envelope(function_load_request=Message(function_id=function_id))
             )
+        if spec["function"] not in ids:
+            result["invocations"].append({"function": spec["function"], "status": "NotIndexed"})
+            continue
         host_logs.lines = []
         answer = await runtime.invocation_request(
             invocation_request(ids[spec["function"]], f"invocation-{number}", spec)
