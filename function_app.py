@@ -15,9 +15,13 @@ import azure.functions as func
 
 from shared.errors import InvalidEvent
 from shared.events import VaultEvent, parse_function_event, parse_payload
+from shared.sdk_logging import quiet_sdk_loggers
 
 if TYPE_CHECKING:
     from shared import api
+
+# The worker sends the host every log record whatever its logger, so host.json cannot quiet the SDK.
+quiet_sdk_loggers()
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 logger = logging.getLogger("function_app")
