@@ -433,7 +433,9 @@ def test_hostile_tags_are_refused_and_nothing_changes(
     assert "misconfigured" in caplog.text
     assert any(tag in caplog.text for tag in tags)  # the error names the offending tag
     assert versions(vault, unique) == [managed.first_version]
-    assert service.engine().ledger.get(stack.vault.vault_url, unique) is None
+    # nothing was claimed: the row, if any, only records the misconfiguration (reported once)
+    row = service.engine().ledger.get(stack.vault.vault_url, unique)
+    assert row is None or (row.state, row.rotation_id, row.last_outcome) == ("idle", "", "misconfigured")
     assert api.requests[seen:] == []  # not one request reached the vendor
     assert api.keys(managed.admin_key) == [(managed.value["key_id"], "primary")]
     with pytest.raises(ConfigError):
