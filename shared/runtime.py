@@ -18,6 +18,7 @@ from shared.outcomes import Outcome, describe_error
 from shared.retry import call_with_retry
 from shared.secret_cache import SecretCache
 from shared.settings import Settings
+from shared.telemetry import annotate_rotator
 
 logger = logging.getLogger("shared.engine")
 
@@ -47,6 +48,7 @@ class Runtime:
         self.admin_secrets = SecretCache(self.settings.admin_secret_cache)
 
     def context(self, config: RotationConfig, client: SecretClient, secret_name: str) -> RotationContext:
+        annotate_rotator(config.rotator)  # names the rotator on the rotation span, if one is open
         return RotationContext(
             config, client, self.credential, self.settings, self.admin_secrets, secret_name=secret_name
         )

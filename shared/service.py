@@ -17,7 +17,7 @@ from azure.identity import DefaultAzureCredential
 from azure.keyvault.secrets import SecretClient
 
 from rotators import RotatorRegistry
-from shared import reach
+from shared import reach, telemetry
 from shared.engine import RotationEngine
 from shared.ledger import Ledger
 from shared.notify import build_notifier
@@ -110,6 +110,7 @@ def key_client(vault_url: str) -> "KeyClient":
 
 def build_engine(settings: Settings, **engine_options: Any) -> RotationEngine:
     """Real clients from settings; `engine_options` (clock, probe, checkpoint) serve tests and chaos runs."""
+    telemetry.configure()  # Azure Monitor when APPLICATIONINSIGHTS_CONNECTION_STRING is set
     credential = DefaultAzureCredential()
 
     @lru_cache(maxsize=32)

@@ -24,7 +24,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.keyvault.secrets import KeyVaultSecret, SecretClient, SecretProperties
 
 from rotators import RotationContext, Rotator
-from shared import binding
+from shared import binding, telemetry
 from shared.config import TAG_ROTATION_ID, RotationConfig, parse_config
 from shared.errors import ConfigError, Refused, RotationError, UnsafeOperation
 from shared.ledger import FAILED, IDLE, OVERLAP, ROTATING, ConcurrentUpdate, SecretState, history_key
@@ -63,6 +63,7 @@ _BEFORE_WRITE = ("claim", "create", "verify")
 _FENCED_STEPS = frozenset({"create", "write", "revoke"})
 
 
+@telemetry.rotation
 def start(
     rt: Runtime,
     state: SecretState,
@@ -88,13 +89,15 @@ def start(
     state.attempts, state.last_error, state.step_timings = 1, "", "{}"
     state.history_key = history_key(now, rotation_id)
     try:
-        rt.ledger.save(state)
+        with telemetry.step("claim"):
+            rt.ledger.save(state)
     except ConcurrentUpdate:
         return logged(Outcome(IN_PROGRESS, state.name, "a rotation of this secret is in progress"))
     rt.checkpoint("after:claim")
     return run(rt, state, client, config, claimed_now=True)
 
 
+@telemetry.rotation
 def resume(rt: Runtime, state: SecretState) -> Outcome:
     now = rt.clock()
     state.lease_until = now + rt.settings.lease
@@ -213,6 +216,7 @@ def _finish_dry_run(rt: Runtime, state: SecretState, rotator: Rotator, context: 
     return logged(Outcome(DRY_RUN_PASSED, state.name, message, state.rotation_id))
 
 
+@telemetry.step("rollback")
 def rollback(
     rt: Runtime, state: SecretState, client: SecretClient, config: RotationConfig, reason: str
 ) -> Outcome:
@@ -261,6 +265,8 @@ def rollback(
     return rt.tell(logged(outcome), state)
 
 
+@telemetry.rotation
+@telemetry.step("retire")
 def retire(rt: Runtime, state: SecretState, current: SecretProperties | None = None) -> Outcome:
     """Revoke the previous slot once its overlap is over, and disable its Key Vault version.
 
@@ -383,7 +389,8 @@ def _step(rt: Runtime, state: SecretState, step: str) -> Iterator[None]:
         # as the step itself. Read-only steps (verify, validate) never need it.
         rt.ledger.save(state)
     started = time.perf_counter()
-    yield
+    with telemetry.step(step):
+        yield
     state.record_timing(step, (time.perf_counter() - started) * 1000)
     rt.checkpoint(f"after:{step}")
 
