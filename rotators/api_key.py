@@ -344,8 +344,8 @@ class _Vendor:
                 answer = self._admin_call(endpoint, fresh, key_id, body)
         return answer
 
-    def admin_retrying(self, endpoint: Endpoint, key: str, key_id: str) -> _Answer:
-        """A call with `key` (not the admin key), retried like an admin call."""
+    def call_retried(self, endpoint: Endpoint, key: str, key_id: str) -> _Answer:
+        """A call presenting `key` (the secret's own, not the admin key), retried like an admin call."""
         return self._admin_call(endpoint, key, key_id, None)
 
     def _admin_call(self, endpoint: Endpoint, key: str, key_id: str, body: Any) -> _Answer:
@@ -457,7 +457,7 @@ class ApiKeyRotator:
             ) from None
         with self._vendor(context) as vendor:
             try:
-                answer = vendor.admin_retrying(vendor.contract.verify, key, key_id)
+                answer = vendor.call_retried(vendor.contract.verify, key, key_id)
             except UpstreamError as error:
                 raise UpstreamError(f"cannot check the current key: {error}") from None
             if answer.refusal:

@@ -49,6 +49,7 @@ from shared.ledger import (
     HistoryRecord,
     InventoryItem,
     SecretState,
+    history_key,
     vault_key,
 )
 from shared.outcomes import (
@@ -70,7 +71,6 @@ from shared.runtime import Runtime
 from shared.settings import normalize_vault_url
 
 logger = logging.getLogger("shared.engine")
-MAX_TAGS = 15
 # Tags that say when and how often, never where: a tag writer may change them freely.
 # (`rotation-admin-for` is the admin secret's own grant, owned by that secret's owner.)
 UNBOUND_TAGS = frozenset(
@@ -218,13 +218,10 @@ def bind(rt: Runtime, vault_url: str, name: str, requested_by: str) -> Outcome:
     """An operator pins the secret's current tags as its upstream identity, once its value proves
     possession and its slots are free. Recorded in the history."""
     vault_url, name = normalize_vault_url(vault_url), validate_secret_name(name).lower()
-    if not rt.settings.vault_allowed(vault_url):
-        return logged(Outcome(DROPPED, name, f"vault {vault_url} is not in ROTATION_ALLOWED_VAULTS"))
-    client = rt.secret_client(vault_url)
-    try:
-        current = rt.get_secret(client, name)
-    except ResourceNotFoundError:
-        return logged(Outcome(NOT_FOUND, name, "no such secret in the vault"))
+    found = _read_served(rt, vault_url, name)
+    if isinstance(found, Outcome):
+        return found
+    client, current = found
     try:
         config = parse_config(current.properties.tags, rt.settings, vault_url=vault_url)
         rt.rotators.get(config.rotator).validate(rt.context(config, client, name))
@@ -261,8 +258,19 @@ def bind(rt: Runtime, vault_url: str, name: str, requested_by: str) -> Outcome:
         outcome=BOUND,
     )
     with suppress(Exception):
-        rt.ledger.write_history(record, f"{10**11 - int(now.timestamp()):011d}-{record.rotation_id}")
+        rt.ledger.write_history(record, history_key(now, record.rotation_id))
     return logged(Outcome(BOUND, name, summary))
+
+
+def _read_served(rt: Runtime, vault_url: str, name: str) -> tuple[SecretClient, KeyVaultSecret] | Outcome:
+    """The secret's client and current version, or the outcome that says why there are none."""
+    if not rt.settings.vault_allowed(vault_url):
+        return logged(Outcome(DROPPED, name, f"vault {vault_url} is not in ROTATION_ALLOWED_VAULTS"))
+    client = rt.secret_client(vault_url)
+    try:
+        return client, rt.get_secret(client, name)
+    except ResourceNotFoundError:
+        return logged(Outcome(NOT_FOUND, name, "no such secret in the vault"))
 
 
 def _bind(rt: Runtime, state: SecretState, config: RotationConfig, by: str) -> str:
@@ -299,25 +307,17 @@ def adopt(
     (its slots claimed), has the rotator check both slots exist (creating the missing inactive
     one where the kind allows it), then writes the rotation tags on the current version.
     """
-    vault_url = normalize_vault_url(vault_url)
-    name = validate_secret_name(name).lower()
-    if not rt.settings.vault_allowed(vault_url):
-        return logged(Outcome(DROPPED, name, f"vault {vault_url} is not in ROTATION_ALLOWED_VAULTS"))
-    client = rt.secret_client(vault_url)
-    try:
-        current = rt.get_secret(client, name)
-    except ResourceNotFoundError:
-        return logged(Outcome(NOT_FOUND, name, "no such secret in the vault"))
+    vault_url, name = normalize_vault_url(vault_url), validate_secret_name(name).lower()
+    found = _read_served(rt, vault_url, name)
+    if isinstance(found, Outcome):
+        return found
+    client, current = found
     existing = dict(current.properties.tags or {})
     if is_managed(existing):
         return logged(Outcome(ALREADY_MANAGED, name, "the secret is already under rotation"))
     if any(not key.startswith("rotation-") for key in rotation_tags) or TAG_ROTATION_ID in rotation_tags:
         return logged(Outcome(MISCONFIGURED, name, "adopt takes only rotation-* configuration tags"))
-    tags = {**existing, **rotation_tags}
-    if len(tags) > MAX_TAGS - 1:  # each version the service writes adds rotation-id
-        return logged(
-            Outcome(MISCONFIGURED, name, f"Key Vault allows {MAX_TAGS} tags per secret; rotation needs one")
-        )
+    tags = {**existing, **rotation_tags}  # parse_config refuses more than Key Vault's tag limit
     state = rt.ledger.get(vault_url, name) or SecretState(vault_url=vault_url, name=name)
     try:
         config = parse_config(tags, rt.settings, vault_url=vault_url)

@@ -269,7 +269,7 @@ class Ledger:
     def claim_slots(self, upstream: str, slots: tuple[str, ...], owner: str) -> str:
         """Record that `owner` (`vault|secret`) holds these slots of `upstream`; a slot already
         held by another owner is not taken. Returns that other owner, or "" when all are held."""
-        partition = hashlib.sha256(upstream.encode()).hexdigest()[:32]
+        partition = _slot_partition(upstream)
         taken: list[str] = []
         for slot in slots:
             row = {"PartitionKey": partition, "RowKey": slot, "owner": owner, "upstream": upstream[:500]}
@@ -287,7 +287,7 @@ class Ledger:
 
     def release_slots(self, upstream: str, slots: tuple[str, ...], owner: str) -> None:
         """Give up `owner`'s claims on these slots (a re-bind to other slots)."""
-        partition = hashlib.sha256(upstream.encode()).hexdigest()[:32]
+        partition = _slot_partition(upstream)
         for slot in slots:
             with suppress(ResourceNotFoundError):
                 held = self._slots.get_entity(partition, slot)
@@ -423,6 +423,11 @@ class Ledger:
 class _Listing:
     listed_on: datetime
     parts: int = 0
+
+
+def _slot_partition(upstream: str) -> str:
+    """A valid PartitionKey for any upstream name (they hold '/' and '#', which keys may not)."""
+    return hashlib.sha256(upstream.encode()).hexdigest()[:32]
 
 
 def _part(index: int) -> str:
