@@ -2,8 +2,9 @@
 
 Just enough of the Key Vault keys API for the unmodified ``azure.keyvault.keys.KeyClient`` and
 ``azure.keyvault.keys.crypto.CryptographyClient``: create (RSA, RSA-HSM, EC, EC-HSM), get by
-version, list, list versions, update properties, rotate, get/update the rotation policy, and
-encrypt/decrypt with RSA-OAEP, RSA-OAEP-256 and RSA1_5. Responses carry only the public half of
+version, list, list versions, update properties, rotate, get/update the rotation policy,
+delete/list deleted/get deleted/recover/purge, and encrypt/decrypt with RSA-OAEP, RSA-OAEP-256
+and RSA1_5. Responses carry only the public half of
 a key. Every handler runs under the emulator's lock (see ``KeyVaultEmulator._route``).
 """
 
@@ -95,6 +96,10 @@ def _key_not_found(name: str) -> VaultError:
     )
 
 
+def _deleted_key_not_found(name: str) -> VaultError:
+    return VaultError(404, "KeyNotFound", f"Deleted Key not found: {name}")
+
+
 def _forbidden(message: str) -> VaultError:
     return VaultError(403, "Forbidden", message)
 
@@ -145,6 +150,8 @@ class _Key:
     name: str
     versions: list[_KeyVersion] = field(default_factory=list)
     policy: _Policy | None = None
+    deleted_date: int | None = None
+    scheduled_purge_date: int | None = None
 
     @property
     def latest(self) -> _KeyVersion:
@@ -169,6 +176,7 @@ class KeyStore:
         self._vault_url = vault_url
         self._page = page
         self.keys: dict[str, _Key] = {}
+        self.deleted: dict[str, _Key] = {}
 
     # ----- routing -------------------------------------------------------------------------------
 
@@ -186,7 +194,12 @@ class KeyStore:
         version = segments[2] if len(segments) > 2 else ""
         handlers: dict[str, dict[str, Callable[[], tuple[int, Any]]]] = {
             "/keys": {"GET": lambda: self._list_keys(query)},
-            "/keys/{name}": {"GET": lambda: self._get(name, "")},
+            "/keys/{name}": {
+                "GET": lambda: self._get(name, ""),
+                # The SDK's update_key_properties(name) sends PATCH /keys/{name}/: the latest version.
+                "PATCH": lambda: self._update(name, "", body),
+                "DELETE": lambda: self._delete(name),
+            },
             "/keys/{name}/create": {"POST": lambda: self._create(name, body)},
             "/keys/{name}/rotate": {"POST": lambda: self._rotate(name)},
             "/keys/{name}/rotationpolicy": {
@@ -200,6 +213,12 @@ class KeyStore:
             },
             "/keys/{name}/{version}/encrypt": {"POST": lambda: self._crypt("encrypt", name, version, body)},
             "/keys/{name}/{version}/decrypt": {"POST": lambda: self._crypt("decrypt", name, version, body)},
+            "/deletedkeys": {"GET": lambda: self._list_deleted(query)},
+            "/deletedkeys/{name}": {
+                "GET": lambda: self._get_deleted(name),
+                "DELETE": lambda: self._purge(name),
+            },
+            "/deletedkeys/{name}/recover": {"POST": lambda: self._recover(name)},
         }
         by_method = handlers.get(template)
         if by_method is None:
@@ -250,6 +269,13 @@ class KeyStore:
             item["tags"] = v.tags
         return item
 
+    def _deleted_fields(self, key: _Key) -> dict[str, Any]:
+        return {
+            "recoveryId": f"{self._vault_url()}/deletedkeys/{key.name}",
+            "deletedDate": key.deleted_date,
+            "scheduledPurgeDate": key.scheduled_purge_date,
+        }
+
     def _policy_body(self, key: _Key) -> dict[str, Any]:
         policy_id = f"{self._kid(key)}/rotationpolicy"
         if key.policy is None:
@@ -294,6 +320,14 @@ class KeyStore:
         return ec.generate_private_key(_CURVES[curve or "P-256"]())
 
     def _create(self, name: str, body: Any) -> tuple[int, Any]:
+        if name.lower() in self.deleted:
+            raise VaultError(
+                409,
+                "Conflict",
+                f"Key {name} is currently in a deleted but recoverable state, and its name cannot be "
+                "reused; in this state, the key can only be recovered or purged.",
+                inner_code="ObjectIsDeletedButRecoverable",
+            )
         if not isinstance(body, dict):
             raise _bad("The request body must be a JSON object.")
         kty = body.get("kty")
@@ -423,6 +457,11 @@ class KeyStore:
         kinds = [action["action"]["type"] for action in cleaned]
         if len(set(kinds)) != len(kinds):
             raise _bad("lifetimeActions may hold one Rotate and one Notify action.")
+        if "Notify" not in kinds:
+            # Key Vault keeps a Notify action on every policy: 30 days before expiry unless one is given.
+            cleaned.append(
+                {"trigger": {"timeBeforeExpiry": DEFAULT_NOTIFY_BEFORE_EXPIRY}, "action": {"type": "Notify"}}
+            )
         now = _unix(self._clock.now())
         created = key.policy.created if key.policy else now
         key.policy = _Policy(
@@ -495,7 +534,51 @@ class KeyStore:
                 raise _bad("The ciphertext could not be decrypted with this key.") from None
         return 200, {"kid": self._kid(key, found), "value": _b64(result)}
 
+    # ----- soft delete -------------------------------------------------------------------------
+
+    def _delete(self, name: str) -> tuple[int, Any]:
+        key = self._live(name)
+        now = self._clock.now()
+        key.deleted_date = _unix(now)
+        key.scheduled_purge_date = _unix(now + dt.timedelta(days=RECOVERABLE_DAYS))
+        del self.keys[name.lower()]
+        self.deleted[name.lower()] = key
+        return 200, {**self._deleted_fields(key), **self._bundle(key, key.latest)}
+
+    def _deleted_key(self, name: str) -> _Key:
+        key = self.deleted.get(name.lower())
+        if key is None:
+            raise _deleted_key_not_found(name)
+        return key
+
+    def _get_deleted(self, name: str) -> tuple[int, Any]:
+        key = self._deleted_key(name)
+        return 200, {**self._deleted_fields(key), **self._bundle(key, key.latest)}
+
+    def _purge(self, name: str) -> tuple[int, Any]:
+        self._deleted_key(name)
+        del self.deleted[name.lower()]
+        return 204, None
+
+    def _recover(self, name: str) -> tuple[int, Any]:
+        key = self._deleted_key(name)
+        del self.deleted[name.lower()]
+        key.deleted_date = key.scheduled_purge_date = None
+        self.keys[name.lower()] = key
+        return 200, self._bundle(key, key.latest)
+
+    def purge_due(self, now: int) -> None:
+        """Purge the deleted keys whose scheduled purge date has passed."""
+        for name, key in list(self.deleted.items()):
+            if key.scheduled_purge_date is not None and key.scheduled_purge_date <= now:
+                del self.deleted[name]
+
     # ----- lists -------------------------------------------------------------------------------
+
+    def _list_deleted(self, query: dict[str, str]) -> tuple[int, Any]:
+        ordered = sorted(self.deleted.items())
+        items = [{**self._deleted_fields(k), **self._item(k, k.latest, versioned=False)} for _, k in ordered]
+        return 200, self._page(items, [name for name, _ in ordered], query, "/deletedkeys")
 
     def _list_keys(self, query: dict[str, str]) -> tuple[int, Any]:
         ordered = sorted(self.keys.items())

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any, Literal, cast, overload
 from urllib.parse import parse_qs, urlsplit
 
 from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from devstack.tls_server import QuietHandler, TlsHTTPServer
 
@@ -63,12 +65,31 @@ MAX_VALUE_CHARS = 25 * 1024
 MAX_TAGS = 15
 MAX_PAGE_SIZE = 25
 _NAME_RE = re.compile(r"^[0-9a-zA-Z-]{1,127}$")
+# The data-plane versions Key Vault answers (the stable ones the SDKs name); any other gets 400.
+API_VERSIONS = (
+    "2015-06-01",
+    "2016-10-01",
+    "7.0",
+    "7.1",
+    "7.2",
+    "7.3",
+    "7.4",
+    "7.5",
+    "7.6",
+    "2025-07-01",
+    "2026-04-01",
+)
+LATEST_API_VERSION = API_VERSIONS[-1]
+_BACKUP_KEY = AESGCM.generate_key(bit_length=256)  # one per process: like one subscription and geography
+_BACKUP_MAGIC = b"devstack-kv-backup-1"
 _IDENTITY_PATH = "/msi/token"
 # Path templates, used to route requests and to count them per operation.
 _TEMPLATES = [
     (re.compile(r"secrets"), "/secrets"),
+    (re.compile(r"secrets/(?i:restore)"), "/secrets/restore"),
     (re.compile(r"secrets/[^/]+"), "/secrets/{name}"),
     (re.compile(r"secrets/[^/]+/(?i:versions)"), "/secrets/{name}/versions"),
+    (re.compile(r"secrets/[^/]+/(?i:backup)"), "/secrets/{name}/backup"),
     (re.compile(r"secrets/[^/]+/[^/]+"), "/secrets/{name}/{version}"),
     (re.compile(r"deletedsecrets"), "/deletedsecrets"),
     (re.compile(r"deletedsecrets/[^/]+"), "/deletedsecrets/{name}"),
@@ -82,7 +103,12 @@ _TEMPLATES = [
     (re.compile(r"keys/[^/]+/[^/]+"), "/keys/{name}/{version}"),
     (re.compile(r"keys/[^/]+/[^/]+/(?i:encrypt)"), "/keys/{name}/{version}/encrypt"),
     (re.compile(r"keys/[^/]+/[^/]+/(?i:decrypt)"), "/keys/{name}/{version}/decrypt"),
+    (re.compile(r"deletedkeys"), "/deletedkeys"),
+    (re.compile(r"deletedkeys/[^/]+"), "/deletedkeys/{name}"),
+    (re.compile(r"deletedkeys/[^/]+/(?i:recover)"), "/deletedkeys/{name}/recover"),
 ]
+# Only POST is the operation; other methods on these paths name a secret "restore" or a version "backup".
+_POST_ONLY = {"/secrets/restore": "/secrets/{name}", "/secrets/{name}/backup": "/secrets/{name}/{version}"}
 
 _DELIVERY_ATTEMPTS = 3
 _DELIVERY_BACKOFF = 0.05
@@ -1179,6 +1205,8 @@ class KeyVaultEmulator:
         if segments and segments[-1] == "":
             segments.pop()
         template = self._template(segments)
+        if method != "POST" and template in _POST_ONLY:
+            template = _POST_ONLY[template]
         with self._lock:
             kind = "create" if _is_create(method, template) else "other"
             if self._throttle is not None and not self._throttle.admit(kind, time.monotonic()):
@@ -1201,6 +1229,11 @@ class KeyVaultEmulator:
             raise VaultError(fault.status, fault.code, fault.message, headers=headers)
         if "api-version" not in query:
             raise _bad("The 'api-version' query parameter is missing.")
+        if query["api-version"] not in API_VERSIONS:
+            raise _bad(
+                f"The specified version ({query['api-version'][:40]}) is not recognized. "
+                f"Consider using the latest supported version ({LATEST_API_VERSION})."
+            )
         body = _parse_json(raw)
         with self._lock:
             self._purge_due()
@@ -1228,7 +1261,7 @@ class KeyVaultEmulator:
         path: str,
     ) -> tuple[int, Any]:
         name = segments[1] if len(segments) > 1 else ""
-        if template.startswith("/keys"):
+        if template.startswith(("/keys", "/deletedkeys")):
             if name:
                 self._check_name(name, "Key")
             return self._keys.handle(method, template, segments=segments, query=query, body=body, path=path)
@@ -1251,6 +1284,8 @@ class KeyVaultEmulator:
                 "DELETE": lambda: self._purge(name),
             },
             "/deletedsecrets/{name}/recover": {"POST": lambda: self._recover(name)},
+            "/secrets/{name}/backup": {"POST": lambda: self._backup(name)},
+            "/secrets/restore": {"POST": lambda: self._restore(body)},
         }
         by_method = handlers.get(template)
         if by_method is None:
@@ -1277,6 +1312,7 @@ class KeyVaultEmulator:
         for key, secret in list(self._deleted.items()):
             if secret.scheduled_purge_date is not None and secret.scheduled_purge_date <= now:
                 del self._deleted[key]
+        self._keys.purge_due(now)
 
     def _live(self, name: str) -> _Secret:
         secret = self._secrets.get(name.lower())
@@ -1498,3 +1534,40 @@ class KeyVaultEmulator:
         ordered = sorted(self._deleted.items())
         items = [{**self._deleted_fields(s), **self._item(s, s.latest, versioned=False)} for _, s in ordered]
         return 200, self._page(items, [k for k, _ in ordered], query, "/deletedsecrets")
+
+    def _backup(self, name: str) -> tuple[int, Any]:
+        """Every version of a secret, sealed so only this process's vaults can read it (as Key Vault's)."""
+        secret = self._live(name)
+        versions = [dataclasses.asdict(v) for v in secret.versions]
+        plain = json.dumps({"name": secret.name, "versions": versions})
+        nonce = secrets.token_bytes(12)
+        sealed = AESGCM(_BACKUP_KEY).encrypt(nonce, plain.encode(), _BACKUP_MAGIC)
+        blob = base64.urlsafe_b64encode(_BACKUP_MAGIC + nonce + sealed).rstrip(b"=").decode()
+        return 200, {"value": blob}
+
+    def _restore(self, body: Any) -> tuple[int, Any]:
+        blob = body.get("value") if isinstance(body, dict) else None
+        if not isinstance(blob, str):
+            raise _bad("The parameter value is required: the backup blob, base64url encoded.")
+        try:
+            raw = base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4))
+            if not raw.startswith(_BACKUP_MAGIC):
+                raise ValueError("not a backup")
+            nonce, sealed = raw[len(_BACKUP_MAGIC) : len(_BACKUP_MAGIC) + 12], raw[len(_BACKUP_MAGIC) + 12 :]
+            backup = json.loads(AESGCM(_BACKUP_KEY).decrypt(nonce, sealed, _BACKUP_MAGIC))
+            secret = _Secret(backup["name"], [_Version(**v) for v in backup["versions"]])
+        except (ValueError, InvalidTag, KeyError, TypeError):
+            raise _bad("Backup blob contains invalid or corrupt version.") from None
+        if secret.name.lower() in self._deleted:
+            raise VaultError(
+                409,
+                "Conflict",
+                f"Secret {secret.name} is currently in a deleted but recoverable state, and its name "
+                "cannot be reused; in this state, the secret can only be recovered or purged.",
+                inner_code="ObjectIsDeletedButRecoverable",
+            )
+        if secret.name.lower() in self._secrets:
+            raise VaultError(409, "Conflict", f"Secret {secret.name} already exists in this vault.")
+        self._secrets[secret.name.lower()] = secret
+        self._values_stored.update(v.value for v in secret.versions)
+        return 200, self._bundle(secret, secret.latest, with_value=False)
