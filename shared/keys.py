@@ -48,6 +48,7 @@ from azure.keyvault.keys import (
     KeyVaultKey,
 )
 
+from shared import telemetry
 from shared.config import SECRET_NAME, TAG_ROTATOR, TAG_VALIDITY
 from shared.durations import MAX_DURATION, parse_duration
 from shared.errors import ConfigError
@@ -267,6 +268,7 @@ class KeyRotationService:
         *,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
+        telemetry.configure()  # Azure Monitor when APPLICATIONINSIGHTS_CONNECTION_STRING is set
         self.key_client = key_client
         self.settings = settings
         self._clock = clock
@@ -275,6 +277,7 @@ class KeyRotationService:
 
     # ----- events ------------------------------------------------------------------------------
 
+    @telemetry.key_rotation(KEY_ROTATOR, errors=(FAILED,))
     def handle_event(self, event: VaultEvent) -> KeyOutcome:
         """KeyNearExpiry / KeyExpired: rotate the key if the event is about its current version."""
         if not event.is_key:

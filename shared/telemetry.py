@@ -1,6 +1,6 @@
 """OpenTelemetry for rotations: one `rotation` span per rotation, a child span per step, a counter
 of outcomes, a histogram of step durations, and log records tagged with the span they were
-emitted in.
+emitted in. A Key Vault key's rotation (shared/keys.py) is one `key_rotation` span, counted too.
 
 Nothing here costs anything until `configure()` finds `APPLICATIONINSIGHTS_CONNECTION_STRING`:
 until then no OpenTelemetry module is imported and the hooks run their step as they are. Then the
@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import wraps
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from shared.ledger import SecretState
 from shared.outcomes import ROLLED_BACK, ROTATION_FAILED, Outcome, describe_error
@@ -42,11 +42,33 @@ ROTATION_ID = "rotation.id"
 TRIGGER = "rotation.trigger"
 OUTCOME = "rotation.outcome"
 STEP = "rotation.step"
+KEY = "rotation.key.name"
 DURATION = "rotation.step.duration_ms"
 
 _lock = threading.RLock()
 _configured = False
 P = ParamSpec("P")
+
+
+class _KeyEvent(Protocol):
+    @property
+    def event_id(self) -> str: ...
+    @property
+    def event_type(self) -> str: ...
+    @property
+    def vault_url(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+
+
+class _KeyOutcome(Protocol):
+    @property
+    def status(self) -> str: ...
+
+
+EventT = TypeVar("EventT", bound=_KeyEvent)
+OutcomeT = TypeVar("OutcomeT", bound=_KeyOutcome)
+KeyHandler = Callable[[Any, EventT], OutcomeT]
 
 
 class _Rotation:
@@ -226,3 +248,51 @@ def step(name: str) -> Iterator[None]:
             milliseconds = (time.perf_counter() - started) * 1000
             span.set_attribute(DURATION, round(milliseconds, 3))
             instruments.step_duration.record(milliseconds, {"step": name})
+
+
+def key_rotation(
+    rotator: str, errors: tuple[str, ...]
+) -> Callable[[KeyHandler[EventT, OutcomeT]], KeyHandler[EventT, OutcomeT]]:
+    """Run `handle_event(self, event)` of a key in a `key_rotation` span and count its outcome.
+
+    The attributes are the rotation span's, with the key's name: a key rotation has no ledger
+    row, so its rotation id is the id of the event that asked for it (a redelivery repeats it).
+    Outcomes in `errors` set the span's status to ERROR."""
+
+    def decorate(function: KeyHandler[EventT, OutcomeT]) -> KeyHandler[EventT, OutcomeT]:
+        @wraps(function)
+        def traced(service: Any, event: EventT, /) -> OutcomeT:
+            instruments = _instruments
+            if instruments is None:
+                return function(service, event)
+            from opentelemetry.trace import StatusCode  # noqa: PLC0415 - loaded already
+
+            with instruments.tracer.start_as_current_span(
+                "key_rotation", record_exception=False, set_status_on_exception=False
+            ) as span:
+                outcome: OutcomeT | None = None
+                try:
+                    outcome = function(service, event)
+                    return outcome
+                except BaseException as error:
+                    span.set_status(StatusCode.ERROR, describe_error(error))
+                    raise
+                finally:
+                    status = outcome.status if outcome is not None else "error"
+                    span.set_attributes(
+                        {
+                            KEY: event.name,
+                            VAULT: event.vault_url,
+                            ROTATION_ID: event.event_id,
+                            TRIGGER: event.event_type.rsplit(".", 1)[-1],
+                            ROTATOR: rotator,
+                            OUTCOME: status,
+                        }
+                    )
+                    if status in errors:
+                        span.set_status(StatusCode.ERROR, status)
+                    instruments.rotations.add(1, {"outcome": status, "rotator": rotator})
+
+        return traced
+
+    return decorate

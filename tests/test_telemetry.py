@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,22 +63,29 @@ class Captured:
         ]
 
 
-@pytest.fixture
-def captured() -> Iterator[Captured]:
+@contextmanager
+def capturing(logger_name: str = "shared.engine") -> Iterator[Captured]:
+    """Rotation telemetry to in-memory exporters, and the records of `logger_name`, meanwhile."""
     spans, reader, logs = InMemorySpanExporter(), InMemoryMetricReader(), Records()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     meter_provider = MeterProvider(metric_readers=[reader])
     telemetry.use_providers(tracer_provider, meter_provider)
-    engine_logger = logging.getLogger("shared.engine")
-    engine_logger.addHandler(logs)
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(logs)
     try:
         yield Captured(spans, reader, logs)
     finally:
-        engine_logger.removeHandler(logs)
+        logger.removeHandler(logs)
         telemetry.use_providers(None, None)
         tracer_provider.shutdown()
         meter_provider.shutdown()
+
+
+@pytest.fixture
+def captured() -> Iterator[Captured]:
+    with capturing() as found:
+        yield found
 
 
 def rotation_spans(spans: list[ReadableSpan], name: str) -> list[ReadableSpan]:
