@@ -57,7 +57,8 @@ def ensure(floor: str) -> Path:
         return python()
     uv = [sys.executable, "-m", "uv"]
     if not python().exists():
-        subprocess.run([*uv, "venv", "-q", "--python", sys.executable, str(VENV)], check=True)
+        # --seed: pip in the venv, for the tests that pip-install a plug-in (test_third_party_rotator)
+        subprocess.run([*uv, "venv", "-q", "--seed", "--python", sys.executable, str(VENV)], check=True)
     pinned = ["-r", str(DEV_REQUIREMENTS), f"azure-functions=={floor}"]
     subprocess.run([*uv, "pip", "install", "-q", "--python", str(python()), *pinned], check=True)
     stamp_file.write_text(_stamp(floor))
