@@ -5,6 +5,7 @@ Insights."""
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -329,3 +330,16 @@ def test_with_application_insights_the_distro_is_configured_once(monkeypatch: py
     assert calls[0]["connection_string"] == environ["APPLICATIONINSIGHTS_CONNECTION_STRING"]
     assert calls[0]["logger_name"] == "shared"
     assert telemetry._instruments is not None
+
+
+def test_the_function_app_lets_the_worker_stream_opentelemetry_to_application_insights() -> None:
+    # host.json turns the host to OpenTelemetry; for Application Insights the Python worker then
+    # needs PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY=true (Microsoft's "Use OpenTelemetry with
+    # Azure Functions"; the worker reads it at init and configures the distro). PYTHON_ENABLE_OPENTELEMETRY
+    # is the OTLP exporter's setting, and would leave the distro to a second configuration.
+    host = json.loads((ROOT / "host.json").read_text())
+    assert host["telemetryMode"] == "OpenTelemetry"
+    bicep = (ROOT / "infra" / "modules" / "functionapp.bicep").read_text()
+    assert re.search(r"^\s+PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY: 'true'$", bicep, re.M)
+    assert re.search(r"^\s+APPLICATIONINSIGHTS_CONNECTION_STRING: \w+", bicep, re.M)
+    assert not re.search(r"^\s+PYTHON_ENABLE_OPENTELEMETRY:", bicep, re.M)

@@ -68,6 +68,10 @@ var platformSettings = {
   AZURE_CLIENT_ID: identityClientId
   APPLICATIONINSIGHTS_CONNECTION_STRING: applicationInsightsConnectionString
   APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
+  // host.json says OpenTelemetry, to Application Insights: the Python worker then configures the
+  // distro itself, runs each invocation in the trace of the host and stops the host from logging
+  // every line twice. PYTHON_ENABLE_OPENTELEMETRY is the setting for an OTLP exporter instead.
+  PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY: 'true'
 }
 
 var allSettings = union(rotationSettings, platformSettings)
