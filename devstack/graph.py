@@ -191,6 +191,9 @@ class GraphStandIn:
         self.max_passwords = 5
         # Eventual consistency: a new password authenticates only this many seconds later.
         self.propagation_delay = 0.0
+        # After the next addPassword, fail this many application reads with 500 (a crash-like gap).
+        self.fail_reads_after_add = 0
+        self._failing_reads = 0
         self.requests: list[tuple[str, str, int]] = []
         self._lock = threading.RLock()
         self._apps: dict[str, Application] = {}
@@ -316,7 +319,7 @@ class GraphStandIn:
 
     def reset_policy(self) -> None:
         self.max_password_lifetime, self.passwords_allowed, self.max_passwords = None, True, 5
-        self.propagation_delay = 0.0
+        self.propagation_delay, self.fail_reads_after_add, self._failing_reads = 0.0, 0, 0
 
     def authenticates(self, app_id: str, secret: str) -> bool:
         """Ask the token endpoint for a token with `secret`, over HTTPS, as a consumer would."""
@@ -393,6 +396,9 @@ class GraphStandIn:
                 403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation."
             )
         rest = match["rest"] or ""
+        if method == "GET" and self._failing_reads > 0:
+            self._failing_reads -= 1
+            return graph_error(500, "InternalServerError", "Injected failure after addPassword.")
         if method == "GET" and rest == "":
             return 200, {
                 "@odata.context": "https://graph.microsoft.com/v1.0/$metadata#applications/$entity"
@@ -475,6 +481,7 @@ class GraphStandIn:
             )
         password = self._new_password(display_name, end)
         app.passwords.append(password)
+        self._failing_reads, self.fail_reads_after_add = self.fail_reads_after_add, 0
         context = "https://graph.microsoft.com/v1.0/$metadata#microsoft.graph.passwordCredential"
         return 200, {"@odata.context": context} | password.resource(with_secret=True)
 
