@@ -20,8 +20,8 @@ The Function App's identity needs the Graph application permission
 `Application.ReadWrite.OwnedBy` and must be an owner of each target application. Graph is
 called with azure-core's pipeline against the REST API: azure-core is loaded for Key Vault
 already, while msgraph-sdk 1.65 adds 150-290 ms of imports on top of it (measured on the dev
-machine, GraphServiceClient and the addPassword builders). A secret never reaches a log or an error: Graph and Entra
-refusals are reduced to their status and error code (AADSTS number).
+machine, GraphServiceClient and the addPassword builders). A secret never reaches a log or an
+error: Graph and Entra refusals are reduced to their status and error code (AADSTS number).
 """
 
 import base64

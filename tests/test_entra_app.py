@@ -23,10 +23,14 @@ from azure.keyvault.secrets import SecretClient
 from devstack.graph import GraphStandIn
 from devstack.ports import free_port
 from devstack.stack import LocalStack, ManagedEntraSecret, provision_entra_secret
-from rotators.entra_app import marker
+from rotators.base import RotationContext
+from rotators.entra_app import EntraAppRotator, marker
 from shared import service
+from shared.config import parse_config
 from shared.engine import RotationEngine
+from shared.errors import UpstreamError
 from shared.ledger import IDLE, OVERLAP
+from shared.settings import Settings
 from tests.conftest import SESSION_LOGS, soon
 from tests.crashes import RETIRE_POINTS, ROTATION_POINTS, SimulatedCrash, TestClock
 from tests.hosting import deliver_event, tick_sweeper
@@ -368,10 +372,24 @@ def test_a_failure_after_add_password_removes_what_was_added(
     stack: LocalStack, vault: SecretClient, graph: GraphStandIn, unique: str
 ) -> None:
     managed = provision(stack, unique)
+    only_the_first = [(managed.value["key_id"], marker(unique, "slot-a"))]
+    # The rotator on its own (the engine would also revoke the slot after a failure):
+    context = RotationContext(
+        config=parse_config(vault.get_secret(unique).properties.tags, Settings.from_env()),
+        secrets=vault,
+        credential=stack.vault.credential(),
+        settings=Settings.from_env(),
+        secret_name=unique,
+    )
     graph.fail_reads_after_add = 4  # the read that follows addPassword fails every retry
+    with pytest.raises(UpstreamError, match="HTTP 500"):
+        EntraAppRotator().create(context, "slot-b")
+    assert graph.passwords(managed.app_object_id) == only_the_first
+    # And through the engine: a failed rotation, Key Vault unchanged.
+    graph.fail_reads_after_add = 4
     outcome = service.engine().rotate(stack.vault.vault_url, unique, trigger="manual")
     assert outcome.status == "failed", outcome.message
-    assert graph.passwords(managed.app_object_id) == [(managed.value["key_id"], marker(unique, "slot-a"))]
+    assert graph.passwords(managed.app_object_id) == only_the_first
     assert versions(vault, unique) == [managed.first_version.properties.version]
 
 
