@@ -284,7 +284,7 @@ HOSTILE = {
     "allow-listed-non-graph": {"rotation-target": "{vendor}"},
     "tenant-not-a-guid": {"rotation-entra-tenant": "contoso.onmicrosoft.com/../x"},
     "app-not-a-guid": {"rotation-entra-app": "'; DROP"},
-    "app-path": {"rotation-entra-app": "00000000-0000-0000-0000-000000000000/owners"},
+    "app-path": {"rotation-entra-app": "11111111-2222-3333-4444-555555555555/addPassword"},
     "format": {"rotation-entra-format": "yaml"},
 }
 
