@@ -28,15 +28,16 @@ import base64
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import requests
 from azure.core import PipelineClient
+from azure.core.credentials import TokenCredential
 from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError
 from azure.core.pipeline.policies import BearerTokenCredentialPolicy, RequestIdPolicy, UserAgentPolicy
 from azure.core.pipeline.transport import RequestsTransport
@@ -49,6 +50,7 @@ from shared.config import RotationConfig
 from shared.errors import ConfigError, PossessionNotProven, UpstreamError, VerificationFailed
 from shared.reach import PinnedAdapter
 from shared.retry import call_with_retry
+from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4
 _CODE = re.compile(r"^[A-Za-z0-9_.]{1,80}$")
 _AADSTS = re.compile(r"\bAADSTS(\d{4,8})\b")
 _PRINTABLE = re.compile(r"^[\x21-\x7e]{8,1024}$")
+_MAX_PAGES = 50
 
 
 def _tag(config: RotationConfig, name: str) -> str:
@@ -176,10 +179,9 @@ def _claims(token: str) -> dict[str, Any]:
 class _Graph:
     """Graph's REST API as the Function App's identity, with our CA and the checked address."""
 
-    def __init__(self, context: RotationContext, app_object_id: str) -> None:
-        settings = context.settings
+    def __init__(self, settings: Settings, credential: TokenCredential, app_object_id: str = "") -> None:
         self.app_object_id = app_object_id
-        self.where = f"application {app_object_id}"
+        self.where = f"application {app_object_id}" if app_object_id else "Graph"
         session = requests.Session()
         session.trust_env = False
         session.mount("https://", PinnedAdapter(settings))
@@ -191,7 +193,7 @@ class _Graph:
             policies=[
                 RequestIdPolicy(),
                 UserAgentPolicy(sdk_moniker="secret-rotation"),
-                BearerTokenCredentialPolicy(context.credential, GRAPH_SCOPE),
+                BearerTokenCredentialPolicy(credential, GRAPH_SCOPE),
             ],
             transport=transport,
         )
@@ -199,9 +201,12 @@ class _Graph:
     def close(self) -> None:
         self._client.close()
 
-    def _send(self, method: str, path: str, body: Any = None, *, what: str) -> Any:
+    def _send(self, method: str, path: str, body: Any = None, *, what: str, url: str = "") -> Any:
         request = HttpRequest(
-            method, self._client.format_url(f"/v1.0{path}"), json=body, headers={"Accept": "application/json"}
+            method,
+            url or self._client.format_url(f"/v1.0{path}"),
+            json=body,
+            headers={"Accept": "application/json"},
         )
 
         def once() -> Any:
@@ -263,6 +268,21 @@ class _Graph:
         except _GraphRefusal as refusal:
             if refusal.status != 404:  # already gone is fine
                 raise
+
+    def owned_applications(self, principal_id: str, endpoint: str) -> list[dict[str, Any]]:
+        """The applications a service principal owns, every page (links only below `endpoint`)."""
+        path = f"/servicePrincipals/{quote(principal_id)}/ownedObjects/microsoft.graph.application"
+        page = self._send("GET", f"{path}?$select=id,appId,displayName,passwordCredentials", what="list")
+        apps: list[dict[str, Any]] = []
+        for _ in range(_MAX_PAGES):
+            if not isinstance(page, dict) or not isinstance(page.get("value"), list):
+                raise UpstreamError("Graph's list of owned applications is not a list")
+            apps += [app for app in page["value"] if isinstance(app, dict) and isinstance(app.get("id"), str)]
+            link = page.get("@odata.nextLink")
+            if not isinstance(link, str) or not link.startswith(f"{endpoint}/"):
+                return apps
+            page = self._send("GET", "", what="list", url=link)
+        return apps
 
 
 class _GraphRefusal(UpstreamError):
@@ -429,7 +449,8 @@ class EntraAppRotator:
 
     @contextmanager
     def _graph(self, context: RotationContext) -> Iterator[_Graph]:
-        graph = _Graph(context, _guid(context.config, TAG_APP, "application's object id"))
+        app = _guid(context.config, TAG_APP, "application's object id")
+        graph = _Graph(context.settings, context.credential, app)
         try:
             yield graph
         finally:
@@ -494,3 +515,46 @@ class EntraAppRotator:
     def _token_retried(self, context: RotationContext, tenant: str, client_id: str, secret: str) -> None:
         """A new password takes a moment to work in Entra: about 30 s of tries at most."""
         self._token(context, tenant, client_id, secret)
+
+
+def expiring_unrotated(
+    settings: Settings, credential: TokenCredential, within: timedelta, rotated: Mapping[str, set[str]]
+) -> list[dict[str, str]]:
+    """Password credentials of the applications this identity owns that end within `within` (or
+    have ended) and are no slot of a managed secret. `rotated` maps an application's object id
+    to the display names of its managed slots. Nothing secret is read: Graph lists no secretText."""
+    oid = str(_claims(credential.get_token(GRAPH_SCOPE).token).get("oid") or "")
+    if not _GUID.match(oid):
+        raise UpstreamError("the identity's Graph token names no object id (oid)")
+    graph = _Graph(settings, credential)
+    try:
+        apps = graph.owned_applications(oid, settings.graph_endpoint)
+    finally:
+        graph.close()
+    now = datetime.now(UTC)
+    horizon = now + within
+    rows = []
+    for app in apps:
+        managed = rotated.get(str(app["id"]).lower(), set())
+        for item in app.get("passwordCredentials") or []:
+            if not isinstance(item, dict) or item.get("displayName") in managed:
+                continue
+            try:
+                end = datetime.fromisoformat(str(item.get("endDateTime")).replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            if end.tzinfo is None:
+                end = end.replace(tzinfo=UTC)
+            if end <= horizon:
+                rows.append(
+                    {
+                        "application_id": str(app["id"]),
+                        "app_id": str(app.get("appId") or ""),
+                        "application": str(app.get("displayName") or "")[:120],
+                        "key_id": str(item.get("keyId") or ""),
+                        "credential": str(item.get("displayName") or "")[:120],
+                        "end": end.isoformat(),
+                        "expired": "true" if end <= now else "false",
+                    }
+                )
+    return sorted(rows, key=lambda row: row["end"])

@@ -26,6 +26,8 @@ from devstack.stack import LocalStack, ManagedEntraSecret, provision_entra_secre
 from rotators.base import RotationContext
 from rotators.entra_app import EntraAppRotator, marker
 from shared import service
+from shared.cli import EXIT_OK
+from shared.cli import run as cli_run
 from shared.config import parse_config
 from shared.engine import RotationEngine
 from shared.errors import UpstreamError
@@ -33,7 +35,7 @@ from shared.ledger import IDLE, OVERLAP
 from shared.settings import Settings
 from tests.conftest import SESSION_LOGS, soon
 from tests.crashes import RETIRE_POINTS, ROTATION_POINTS, SimulatedCrash, TestClock
-from tests.hosting import deliver_event, tick_sweeper
+from tests.hosting import call_http, deliver_event, tick_sweeper
 
 
 @pytest.fixture
@@ -499,6 +501,38 @@ def test_a_copy_of_a_bound_secret_cannot_be_bound_to_its_slots(
     attack_by_event_and_timer(stack, f"{unique}-copy")
     refused(stack, f"{unique}-copy", "not bound")
     assert len(graph.passwords(victim.app_object_id)) == 1
+
+
+# ------------------------------------------------------------------ nothing expires unseen
+
+
+def test_expiring_client_secrets_not_under_rotation_are_reported(
+    stack: LocalStack, graph: GraphStandIn, unique: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    managed = provision(stack, unique)  # its slot-a password ends in 90 days, under rotation
+    legacy = graph.add_application(f"legacy {unique}")
+    soon_id, _ = graph.add_password(legacy.id, "set by hand", days=10)
+    later_id, _ = graph.add_password(legacy.id, "long-lived", days=200)
+    stranger = graph.add_application(f"not ours {unique}", owned=False)
+    hidden_id, _ = graph.add_password(stranger.id, "someone else's", days=5)
+
+    response = call_http("entra_expiring", "GET", "entra/expiring", params={"within": "P100D"})
+    assert response.status_code == 200
+    body = json.loads(response.get_body())
+    listed = {row["key_id"]: row for row in body["value"]}
+    assert listed[soon_id]["application_id"] == legacy.id
+    assert (listed[soon_id]["credential"], listed[soon_id]["expired"]) == ("set by hand", "false")
+    assert later_id not in listed  # beyond the horizon
+    assert hidden_id not in listed  # an application the identity does not own
+    assert managed.value["key_id"] not in listed  # under rotation
+    assert all("secret" not in key for row in body["value"] for key in row)
+
+    assert cli_run(["entra-expiring", "--within", "P30D"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert soon_id in out and later_id not in out
+    assert "not under rotation" in out
+    bad = call_http("entra_expiring", "GET", "entra/expiring", params={"within": "soon"})
+    assert bad.status_code == 400
 
 
 # ------------------------------------------------------------------ nothing leaks
