@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from threading import Thread
 
 import pytest
+import requests
 from azure.keyvault.secrets import SecretClient
 
 from devstack.graph import GraphStandIn
@@ -69,6 +70,38 @@ def state_of(stack: LocalStack, name: str) -> tuple[str, str, str]:
     state = service.engine().ledger.get(stack.vault.vault_url, name)
     assert state is not None
     return state.state, state.last_outcome, state.last_error
+
+
+# ------------------------------------------------------------------ the stand-in speaks Graph's shapes
+
+
+def test_the_graph_stand_in_answers_in_graphs_shapes(stack: LocalStack, graph: GraphStandIn) -> None:
+    token = stack.vault.credential().get_token("https://graph.microsoft.com/.default").token
+    auth = {"Authorization": f"Bearer {token}"}
+    app = graph.add_application("shapes")
+    other = graph.add_application("not owned", owned=False)
+    verify = str(graph.ca_path)
+
+    def get(path: str, headers: dict[str, str] = auth) -> requests.Response:
+        return requests.get(f"{graph.base_url}{path}", headers=headers, verify=verify, timeout=5)
+
+    by_app_id = get(f"/v1.0/applications(appId='{app.app_id}')").json()
+    assert by_app_id["id"] == app.id and get(f"/v1.0/applications/{app.id}").json()["appId"] == app.app_id
+    owners = get(f"/v1.0/applications/{app.id}/owners").json()["value"]
+    assert {"@odata.type": "#microsoft.graph.servicePrincipal", "id": graph.caller_id} in owners
+    denied = get(f"/v1.0/applications/{other.id}")
+    assert denied.status_code == 403
+    assert denied.json()["error"]["code"] == "Authorization_RequestDenied"
+    assert set(denied.json()["error"]["innerError"]) >= {"date", "request-id", "client-request-id"}
+    assert get(f"/v1.0/applications/{app.id}", headers={}).status_code == 401
+    vault_token = stack.vault.credential().get_token("https://vault.azure.net/.default").token
+    assert (
+        get(f"/v1.0/applications/{app.id}", headers={"Authorization": f"Bearer {vault_token}"}).status_code
+        == 401
+    )
+    openid = get(f"/{graph.tenant_id}/v2.0/.well-known/openid-configuration", headers={}).json()
+    assert openid["token_endpoint"] == f"{graph.base_url}/{graph.tenant_id}/oauth2/v2.0/token"
+    assert "tenant_discovery_endpoint" in get("/common/discovery/instance", headers={}).json()
 
 
 # ------------------------------------------------------------------ rotation and retirement
@@ -501,6 +534,40 @@ def test_a_copy_of_a_bound_secret_cannot_be_bound_to_its_slots(
     attack_by_event_and_timer(stack, f"{unique}-copy")
     refused(stack, f"{unique}-copy", "not bound")
     assert len(graph.passwords(victim.app_object_id)) == 1
+
+
+# ------------------------------------------------------------------ adopting an existing client secret
+
+
+def test_adopt_proves_the_secret_and_a_rotation_follows(
+    stack: LocalStack, vault: SecretClient, graph: GraphStandIn, unique: str
+) -> None:
+    app = graph.add_application(f"adopted {unique}")
+    graph.add_password(app.id, "portal secret")  # made by hand earlier: never touched
+    key_id, secret = graph.add_password(app.id, marker(unique, "blue"))
+    vault.set_secret(unique, secret, expires_on=soon(60))  # a bare secret, as many apps keep one
+    tags = {
+        "rotation-rotator": "entra-app",
+        "rotation-target": graph.base_url,
+        "rotation-entra-tenant": graph.tenant_id,
+        "rotation-entra-app": app.id,
+        "rotation-entra-format": "secret",
+        "rotation-slots": "blue,green",
+        "rotation-current-slot": "green",  # wrong: the password is on blue
+    }
+    engine = service.engine()
+    refused = engine.adopt(stack.vault.vault_url, unique, tags)
+    assert refused.status == "refused"
+    assert "is not the application's password on slot green" in refused.message
+
+    adopted = engine.adopt(stack.vault.vault_url, unique, {**tags, "rotation-current-slot": "blue"})
+    assert adopted.status == "adopted", adopted.message
+    assert "slot green has no password" in adopted.message
+    assert "1 other password(s) on the application: never touched" in adopted.message
+    rotated = engine.rotate(stack.vault.vault_url, unique, trigger="manual")
+    assert rotated.status == "rotated", rotated.message
+    assert graph.authenticates(app.id, vault.get_secret(unique).value or "")
+    assert (key_id, marker(unique, "blue")) in graph.passwords(app.id)  # in overlap until retired
 
 
 # ------------------------------------------------------------------ nothing expires unseen
