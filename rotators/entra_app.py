@@ -139,24 +139,25 @@ def _parse_value(value: str) -> _Value:
     return parsed
 
 
-def _graph_code(error: HttpResponseError) -> str:
-    """Graph's error code, if it is a plain one; never the message or the body."""
+def _graph_error(error: HttpResponseError) -> dict[str, Any]:
+    """The `error` object of a Graph answer ({} when there is none)."""
     try:
         body = json.loads(error.response.text()) if error.response is not None else None
     except (ValueError, AttributeError):
-        body = None
-    code = body.get("error", {}).get("code") if isinstance(body, dict) else None
-    if not isinstance(code, str):
-        return ""
-    return code if _CODE.match(code) else ""
+        return {}
+    found = body.get("error") if isinstance(body, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
+def _graph_code(error: HttpResponseError) -> str:
+    """Graph's error code, if it is a plain one; never the message or the body."""
+    code = _graph_error(error).get("code")
+    return code if isinstance(code, str) and _CODE.match(code) else ""
 
 
 def _graph_message(error: HttpResponseError) -> str:
-    try:
-        body = json.loads(error.response.text()) if error.response is not None else None
-        message = body["error"]["message"]  # type: ignore[index]
-    except (ValueError, AttributeError, KeyError, TypeError):
-        return ""
+    """Graph's message: read to recognise a refusal, never recorded."""
+    message = _graph_error(error).get("message")
     return message if isinstance(message, str) else ""
 
 
