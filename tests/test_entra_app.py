@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from threading import Thread
 
@@ -37,6 +37,23 @@ from shared.settings import Settings
 from tests.conftest import SESSION_LOGS, soon
 from tests.crashes import RETIRE_POINTS, ROTATION_POINTS, SimulatedCrash, TestClock
 from tests.hosting import call_http, deliver_event, tick_sweeper
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _clean_up(stack: LocalStack, app_settings: dict[str, str]) -> Iterator[None]:
+    """Leave nothing for later modules' sweeps: end overlaps (a day ahead), delete this module's secrets."""
+    yield
+    later = datetime.now(UTC) + timedelta(days=1)
+    engine = service.build_engine(Settings.from_env(), clock=lambda: later)
+    vault = stack.secret_client()
+    for properties in vault.list_properties_of_secrets():
+        name = properties.name or ""
+        if (properties.tags or {}).get("rotation-rotator") != "entra-app":
+            continue
+        state = engine.ledger.get(stack.vault.vault_url, name)
+        if state and state.state == OVERLAP:
+            engine.retire_due(stack.vault.vault_url, name)
+        vault.begin_delete_secret(name)
 
 
 @pytest.fixture
