@@ -187,7 +187,11 @@ class _Graph:
         session.trust_env = False
         session.mount("https://", PinnedAdapter(settings))
         transport = RequestsTransport(
-            session=session, session_owner=True, connection_verify=settings.upstream_ca_bundle or True
+            session=session,
+            session_owner=True,
+            connection_verify=settings.upstream_ca_bundle or True,
+            connection_timeout=10,
+            read_timeout=30,
         )
         self._client: PipelineClient[HttpRequest, Any] = PipelineClient(
             base_url=settings.graph_endpoint,
@@ -484,7 +488,7 @@ class EntraAppRotator:
     def _token(context: RotationContext, tenant: str, client_id: str, secret: str) -> str:
         """One token request with `secret` as the application; VerificationFailed if Entra refuses it."""
         settings = context.settings
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = {"connection_timeout": 10, "read_timeout": 30}
         if settings.upstream_ca_bundle:
             options["connection_verify"] = settings.upstream_ca_bundle
         credential = ClientSecretCredential(
