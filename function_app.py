@@ -152,6 +152,15 @@ def list_rotations(req: func.HttpRequest) -> func.HttpResponse:
     return _respond(api.list_rotations(service.engine(), req.params))
 
 
+@app.function_name("entra_expiring")
+@app.route(route="entra/expiring", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def entra_expiring(req: func.HttpRequest) -> func.HttpResponse:
+    """Client secrets of applications the app's identity owns that expire soon, not under rotation."""
+    from shared import api, service
+
+    return _respond(api.entra_expiring(service.engine(), req.params))
+
+
 @app.function_name("set_key_rotation_policy")
 @app.route(route="keys/{name}/rotation-policy", methods=["PUT"], auth_level=func.AuthLevel.FUNCTION)
 def set_key_rotation_policy(req: func.HttpRequest) -> func.HttpResponse:

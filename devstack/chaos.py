@@ -1,7 +1,7 @@
 """The chaos run: many managed secrets, crashes, duplicate triggers, throttling, a database restart.
 
     python -m devstack.chaos [--small] [--secrets N] [--rounds N] [--seed N] [--max-seconds S]
-                             [--kinds postgres,api-key,storage-key] [--stalls]
+                             [--kinds postgres,api-key,storage-key,entra-app] [--stalls]
 
 Everything runs on 127.0.0.1 against a fresh local stack (Key Vault emulator,
 Azurite, PostgreSQL) and stops by itself. Triggers go through the functions
@@ -55,7 +55,8 @@ lost or leaked is not 0 or a check failed (the reasons are printed before).
 Kinds of credential are pluggable (`Kind`: provision, authenticate, slot_of,
 live_slots, plus the app settings it needs): PostgreSQL always, the vendor API
 key (`rotators.api_key` against `devstack.vendor_api`) and the storage account
-key (`rotators.storage_key` against the ARM stand-in) when they import;
+key (`rotators.storage_key` against the ARM stand-in) and the Entra application
+secret (`rotators.entra_app` against `devstack.graph`) when they import;
 `--kinds` picks. Adding a kind is one class and one entry in KIND_FACTORIES.
 
 `--stalls` (not in CI) also pauses workers at random checkpoints and staggers
@@ -96,6 +97,7 @@ from devstack.postgres import session_user
 from devstack.stack import (
     LocalStack,
     app_environment,
+    provision_entra_secret,
     provision_postgres_secret,
     provision_storage_key_secret,
 )
@@ -119,7 +121,9 @@ KICKS = ("event", "manual", "sweep", "burst", "rollback", "emergency", "none")
 KICK_WEIGHTS = (4, 3, 2, 3, 1, 1, 1)
 TRANSIENT_READ = frozenset({408, 429, 500, 502, 503, 504})
 # Fields of a JSON secret value that hold the secret part (the rest names a host, a role, a key id).
-SECRET_FIELDS = frozenset({"password", "key", "secret", "token", "api_key", "apikey", "connection_string"})
+SECRET_FIELDS = frozenset(
+    {"password", "key", "secret", "token", "api_key", "apikey", "connection_string", "client_secret"}
+)
 
 
 class Crash(BaseException):
@@ -438,6 +442,71 @@ class StorageKeyKind:
         return {key_name for key_name, key in keys.items() if key in values_ever}
 
 
+class EntraAppKind:
+    """An app registration on the Graph stand-in per secret; two of its passwords are the slots."""
+
+    name = "entra-app"
+
+    def __init__(self, stack: LocalStack, run_id: str) -> None:
+        self._graph = stack.graph
+        self._stack = stack
+        self._apps: dict[str, str] = {}  # secret -> application object id
+
+    def extra_env(self, env: dict[str, str]) -> dict[str, str]:
+        return {}
+
+    def close(self) -> None:
+        return
+
+    def provision(self, secret: str, index: int, expires_on: datetime) -> None:
+        managed = provision_entra_secret(
+            self._stack,
+            secret,
+            expires_on=expires_on,
+            validity=VALIDITY,
+            overlap=OVERLAP_TAG,
+            extra_tags={"rotation-probes": f"{self._graph.base_url}/health/{secret}"},
+        )
+        self._apps[secret] = managed.app_object_id
+
+    def _app_of(self, value: dict[str, Any]) -> str:
+        return next((app for app in self._apps.values() if app in self._by_client(value)), "")
+
+    def _by_client(self, value: dict[str, Any]) -> set[str]:
+        return {app for app in self._apps.values() if value.get("key_id") in dict(self._graph.passwords(app))}
+
+    def authenticate(self, value: str) -> Auth:
+        credential = json.loads(value)
+        app = self._app_of(credential)
+        if not app:
+            return Auth.DENIED  # its password was removed
+        try:
+            return Auth.OK if self._graph.authenticates(app, credential["client_secret"]) else Auth.DENIED
+        except OSError:
+            return Auth.DOWN
+
+    def slot_of(self, value: str) -> str:
+        key_id = json.loads(value).get("key_id")
+        for app in self._apps.values():
+            name = dict(self._graph.passwords(app)).get(key_id)
+            if name:
+                return name.rsplit(":", 1)[-1]
+        return f"removed password {key_id}"
+
+    def live_slots(self, secret: str, values_ever: set[str]) -> set[str]:
+        mine = dict(self._graph.passwords(self._apps[secret]))
+        live: set[str] = set()
+        for value in values_ever:
+            try:
+                credential = json.loads(value)
+            except ValueError:
+                continue
+            ours = isinstance(credential, dict) and credential.get("key_id") in mine
+            if ours and self.authenticate(value) == Auth.OK:
+                live.add(mine[credential["key_id"]].rsplit(":", 1)[-1])
+        return live
+
+
 def available_kinds() -> list[str]:
     """PostgreSQL always; the other kinds when their rotator and stand-in import."""
     kinds = ["postgres"]
@@ -454,6 +523,12 @@ def available_kinds() -> list[str]:
         pass
     else:
         kinds.append("storage-key")
+    try:
+        from rotators import entra_app  # noqa: F401, PLC0415
+    except ImportError:
+        pass
+    else:
+        kinds.append("entra-app")
     return kinds
 
 
@@ -461,6 +536,7 @@ KIND_FACTORIES: dict[str, Callable[[LocalStack, str], Kind]] = {
     "postgres": PostgresKind,
     "api-key": ApiKeyKind,
     "storage-key": StorageKeyKind,
+    "entra-app": EntraAppKind,
 }
 
 

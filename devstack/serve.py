@@ -3,7 +3,8 @@
 Starts the Key Vault emulator, Azurite and PostgreSQL, hosts function_app.py on
 http://127.0.0.1:PORT with a function key, puts one secret of each built-in kind under
 rotation (`orders-db` a PostgreSQL login, `billing-api-key` a vendor API key,
-`media-storage-key` a storage account key), and writes `.devstack/env`: the app settings
+`media-storage-key` a storage account key, `partner-app-secret` an Entra application's client
+secret on the Graph stand-in), and writes `.devstack/env`: the app settings
 plus FUNCTIONS_URL, FUNCTION_KEY and FUNCTIONS_MASTER_KEY (for /admin/*), so
 `source .devstack/env` lets curl and `scripts/rotation` talk to it.
 Runs until Ctrl-C (or SIGTERM).
@@ -22,6 +23,7 @@ from devstack.runner import EVENTGRID, LocalFunctionHost
 from devstack.stack import (
     LocalStack,
     provision_api_key_secret,
+    provision_entra_secret,
     provision_postgres_secret,
     provision_storage_key_secret,
 )
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
             provision_postgres_secret(stack, "orders-db", prefix="orders", expires_on=expires_on)
             provision_api_key_secret(stack, "billing-api-key", expires_on=expires_on)
             provision_storage_key_secret(stack, "media-storage-key", STORAGE_ACCOUNT, expires_on=expires_on)
+            provision_entra_secret(stack, "partner-app-secret", expires_on=expires_on)
             exports = {
                 **settings,
                 "FUNCTIONS_URL": host.url,
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
             args.env_file.chmod(0o600)
             print(
                 f"Function host at {host.url}; managed secrets (expiring in 120 days): 'orders-db'"
-                " (PostgreSQL), 'billing-api-key' (API key), 'media-storage-key' (storage account key)."
+                " (PostgreSQL), 'billing-api-key' (API key), 'media-storage-key' (storage account key),"
+                " 'partner-app-secret' (Entra application client secret)."
             )
             print(f"Settings and the function key are in {args.env_file}: source it, then use curl or")
             print("scripts/rotation (README: 'Operate it'). Ctrl-C stops everything.", flush=True)

@@ -27,6 +27,7 @@ from psycopg import sql
 
 from devstack.arm_storage import ArmStorageStandIn
 from devstack.azurite import Azurite
+from devstack.graph import GraphStandIn
 from devstack.keyvault import KeyVaultEmulator
 from devstack.postgres import PostgresServer
 from devstack.vendor_api import VendorApi
@@ -48,6 +49,8 @@ class LocalStack:
         # Both share the vault emulator's CA (same certificate directory).
         self.storage = ArmStorageStandIn(self.base_dir / "keyvault", self.vault)
         self.vendor = VendorApi(self.base_dir / "keyvault")
+        # Microsoft Graph and the Entra token endpoint; callers authenticate with the emulator's identity.
+        self.graph = GraphStandIn(self.base_dir / "keyvault", self.vault)
         self._binders: dict[str, Any] = {}
         self._binder_lock = threading.Lock()
 
@@ -58,6 +61,7 @@ class LocalStack:
             self.vault.start(publish_interval=publish_interval)
             self.storage.start()
             self.vendor.start()
+            self.graph.start()
             self._prepare_database()
         except BaseException:
             self.stop()
@@ -65,7 +69,14 @@ class LocalStack:
         return self
 
     def stop(self) -> None:
-        servers: tuple[Any, ...] = (self.vendor, self.storage, self.vault, self.azurite, self.postgres)
+        servers: tuple[Any, ...] = (
+            self.graph,
+            self.vendor,
+            self.storage,
+            self.vault,
+            self.azurite,
+            self.postgres,
+        )
         for server in servers:
             try:
                 server.stop()
@@ -87,7 +98,9 @@ class LocalStack:
         return {
             "ROTATION_ALLOWED_VAULTS": self.vault.vault_url,
             # Storage accounts are allowed one by one (`<account>.blob.core.windows.net:443`).
-            "ROTATION_ALLOWED_TARGETS": f"127.0.0.1:{self.postgres.port},127.0.0.1:{self.vendor.port}",
+            "ROTATION_ALLOWED_TARGETS": (
+                f"127.0.0.1:{self.postgres.port},127.0.0.1:{self.vendor.port},127.0.0.1:{self.graph.port}"
+            ),
             "ROTATION_POSTGRES_SSLMODE": "verify-full",
             "ROTATION_POSTGRES_CA_BUNDLE": str(self.postgres.ca_path),
             # Every stand-in listens on loopback, which targets may otherwise never reach.
@@ -96,6 +109,8 @@ class LocalStack:
             "ROTATION_UPSTREAM_CA_BUNDLE": str(self.vault.ca_path),
             "ROTATION_ARM_ENDPOINT": self.storage.arm_endpoint,
             "ROTATION_STORAGE_BLOB_ENDPOINT": self.storage.blob_endpoint_template,
+            "ROTATION_GRAPH_ENDPOINT": self.graph.base_url,
+            "ROTATION_AUTHORITY_HOST": self.graph.base_url,
             "KEYVAULT_VERIFY_CHALLENGE_RESOURCE": "false",
             "LEDGER_CONNECTION_STRING": self.azurite.connection_string,
             **self.vault.identity_env(),
@@ -299,3 +314,46 @@ def provision_storage_key_secret(
     )
     stack.operator_bind(name)
     return resource_id
+
+
+@dataclass(frozen=True)
+class ManagedEntraSecret:
+    app_object_id: str
+    client_id: str
+    first_version: KeyVaultSecret
+    value: dict[str, str]
+
+
+def provision_entra_secret(
+    stack: LocalStack,
+    name: str,
+    *,
+    expires_on: datetime,
+    overlap: str = "PT10S",
+    validity: timedelta = timedelta(days=90),
+    extra_tags: dict[str, str] | None = None,
+) -> ManagedEntraSecret:
+    """An app registration the service's identity owns, its first client secret on slot `slot-a`
+    (named as the rotator names its passwords), and the secret holding it, under rotation."""
+    from rotators.entra_app import marker  # noqa: PLC0415
+
+    graph = stack.graph
+    app = graph.add_application(f"app of {name}")
+    key_id, secret = graph.add_password(app.id, marker(name, "slot-a"), days=validity.days)
+    value = {"tenant_id": graph.tenant_id, "client_id": app.app_id, "client_secret": secret, "key_id": key_id}
+    tags = {
+        "rotation-rotator": "entra-app",
+        "rotation-target": graph.base_url,
+        "rotation-entra-tenant": graph.tenant_id,
+        "rotation-entra-app": app.id,
+        "rotation-slots": "slot-a,slot-b",
+        "rotation-current-slot": "slot-a",
+        "rotation-validity": f"P{validity.days}D",
+        "rotation-overlap": overlap,
+        **(extra_tags or {}),
+    }
+    first = stack.secret_client().set_secret(
+        name, json.dumps(value), tags=tags, expires_on=expires_on, content_type="application/json"
+    )
+    stack.operator_bind(name)
+    return ManagedEntraSecret(app.id, app.app_id, first, value)

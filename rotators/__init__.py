@@ -37,10 +37,17 @@ def _api_key() -> Rotator:
     return ApiKeyRotator()
 
 
+def _entra_app() -> Rotator:
+    from rotators.entra_app import EntraAppRotator  # noqa: PLC0415 - azure-identity's credential loads only when used
+
+    return EntraAppRotator()
+
+
 BUILT_IN: dict[str, Callable[[], Rotator]] = {
     "postgres": _postgres,
     "storage-key": _storage_key,
     "api-key": _api_key,
+    "entra-app": _entra_app,
 }
 
 

@@ -426,3 +426,28 @@ def set_key_rotation_policy(
             return error(400, "invalid_policy", f"Key Vault refused the policy ({code})")
         return error(502, "upstream_error", f"Key Vault answered {problem.status_code} ({code})")
     return ApiResult(200, {"key": key, "vault": vault, "policy": policy_as_dict(policy)})
+
+
+@_guard
+def entra_expiring(engine: RotationEngine, params: Mapping[str, str]) -> ApiResult:
+    """GET /entra/expiring: client secrets of the applications the app's identity owns that end
+    within `within` (default: the sweep's lead time) and are not a slot of a managed secret."""
+    from rotators.entra_app import expiring_unrotated, marker  # noqa: PLC0415 - only for this report
+    from shared.errors import RotationError  # noqa: PLC0415
+
+    try:
+        within = parse_duration(params["within"]) if "within" in params else engine.settings.sweep_lead_time
+    except ConfigError as problem:
+        raise BadRequest(400, "invalid_query", f"within: {problem}") from None
+    rotated: dict[str, set[str]] = {}
+    for state in engine.ledger.states():
+        bound = json.loads(state.binding) if state.binding else {}
+        app = str(bound.get("rotation-entra-app", "")).lower()
+        if bound.get("rotator") == "entra-app" and app:
+            slots = str(bound.get("slots", "")).split(",")
+            rotated.setdefault(app, set()).update(marker(state.name, slot) for slot in slots)
+    try:
+        rows = expiring_unrotated(engine.settings, engine.credential, within, rotated)
+    except RotationError as problem:
+        return error(502, "upstream_error", str(problem))
+    return ApiResult(200, {"value": rows, "count": len(rows), "within": str(within)})

@@ -81,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     bind.add_argument("name")
 
+    expiring = commands.add_parser(
+        "entra-expiring", help="client secrets of apps the identity owns that expire soon, not under rotation"
+    )
+    expiring.add_argument("--within", help="ISO 8601 duration (default: the sweep's lead time)")
+
     key_policy = commands.add_parser("key-policy", help="set a Key Vault key's rotation policy")
     key_policy.add_argument("name")
     for option, text in _KEY_POLICY_OPTIONS:
@@ -108,6 +113,10 @@ def _render(command: str, result: api.ApiResult) -> str:
         listed = ("name", "rotator", "state", "expires_on", "last_outcome", "last_rotated_on", "retire_after")
         footer = f"\n{body['count']} managed secret(s), as listed at {body['as_of']}"
         return _table(body["value"], listed) + footer
+    if command == "entra-expiring":
+        columns = ("end", "expired", "application", "app_id", "credential", "key_id")
+        footer = f"\n{body['count']} client secret(s) ending within {body['within']} and not under rotation"
+        return _table(body["value"], columns) + footer
     if command == "key-policy":
         policy = body["policy"]
         actions = [
@@ -176,6 +185,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
     elif args.command == "bind":
         result = api.bind(engine, args.name, params, b"", caller)
+    elif args.command == "entra-expiring":
+        result = api.entra_expiring(engine, {"within": args.within} if args.within else {})
     else:
         fields = {
             option.replace("-", "_"): getattr(args, option.replace("-", "_")) for option, _ in _ADOPT_OPTIONS

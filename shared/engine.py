@@ -121,6 +121,11 @@ class RotationEngine:
     def settings(self, value: Settings) -> None:
         self._rt.settings = value
 
+    @property
+    def credential(self) -> TokenCredential:
+        """The app's identity, for reports that ask upstreams directly (GET /entra/expiring)."""
+        return self._rt.credential
+
     def handle_event(self, event: VaultEvent) -> Outcome:
         if not self.settings.vault_allowed(event.vault_url):
             return logged(

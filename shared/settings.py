@@ -165,6 +165,9 @@ class Settings:
     notify_eventgrid_endpoint: str | None = None
     arm_endpoint: str = "https://management.azure.com"
     storage_blob_endpoint: str = "https://{account}.blob.core.windows.net"
+    # Microsoft Graph and the Entra authority host (entra-app secrets); sovereign clouds differ.
+    graph_endpoint: str = "https://graph.microsoft.com"
+    authority_host: str = "https://login.microsoftonline.com"
     keyvault_verify_challenge_resource: bool = True
     ledger_connection_string: str | None = None
     ledger_table_endpoint: str | None = None
@@ -227,6 +230,8 @@ class Settings:
             notify_eventgrid_endpoint=env.get("ROTATION_NOTIFY_EVENTGRID_ENDPOINT") or None,
             arm_endpoint=env.get("ROTATION_ARM_ENDPOINT", cls.arm_endpoint).rstrip("/"),
             storage_blob_endpoint=env.get("ROTATION_STORAGE_BLOB_ENDPOINT", cls.storage_blob_endpoint),
+            graph_endpoint=env.get("ROTATION_GRAPH_ENDPOINT", cls.graph_endpoint).rstrip("/"),
+            authority_host=(env.get("ROTATION_AUTHORITY_HOST") or cls.authority_host).rstrip("/"),
             keyvault_verify_challenge_resource=_bool(env.get("KEYVAULT_VERIFY_CHALLENGE_RESOURCE", "true")),
             ledger_connection_string=env.get("LEDGER_CONNECTION_STRING") or None,
             ledger_table_endpoint=table_endpoint or None,

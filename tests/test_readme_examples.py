@@ -54,10 +54,11 @@ def test_readme_local_examples_run_as_written(tmp_path: Path) -> None:
     assert '"status": "rotated"' in out
     assert re.search(r"[}\n]401\n", out), "the call without a key should print 401"
     assert "state             overlap" in out
-    # The CLI's three rotations: the emergency one, the API key and the storage key
-    assert out.count("rotated: new version") == 3
+    # The CLI's four rotations: the emergency one, the API key, the storage key, the client secret
+    assert out.count("rotated: new version") == 4
     assert re.search(r"billing-api-key\s+api-key\s+.*overlap", out), "the list shows the API key in overlap"
     assert re.search(r"media-storage-key\s+storage-key\s+.*overlap", out)
+    assert re.search(r"partner-app-secret\s+entra-app\s+.*overlap", out)
     assert "dry_run_passed: created, verified and revoked" in out
     assert "orders-db" in out
     assert not env_file.exists()

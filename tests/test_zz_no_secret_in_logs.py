@@ -29,7 +29,7 @@ def test_no_secret_value_appears_in_any_log_or_response(stack: LocalStack) -> No
     generated: set[str] = {stack.postgres.admin_password}
     for value in stack.vault.values_stored():
         generated |= secrets_in(value)
-    generated |= stack.vendor.issued_keys() | stack.storage.generated_keys()
+    generated |= stack.vendor.issued_keys() | stack.storage.generated_keys() | stack.graph.issued_secrets()
     generated = {value for value in generated if len(value) >= 8}
 
     sources = {
