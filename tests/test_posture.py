@@ -6,6 +6,7 @@ serves each test's vault configured as hardened, legacy, drifted or unreadable.
 """
 
 import json
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -93,9 +94,9 @@ def _pending(arm: ArmVaults, name: str) -> None:
 
 
 def _custom_god_role(arm: ArmVaults, name: str) -> None:
-    custom = "33333333-3333-3333-3333-333333333333"
+    custom = str(uuid.uuid4())
     arm.define_role(custom, "Vault God", ["*"])
-    arm.assign(custom, "44444444-4444-4444-4444-444444444444", arm.resource_id(name))
+    arm.assign(custom, str(uuid.uuid4()), arm.resource_id(name))
 
 
 SOFT_SETTINGS: dict[str, tuple[Callable[[ArmVaults, str, str], object], set[str]]] = {
@@ -143,13 +144,11 @@ SOFT_SETTINGS: dict[str, tuple[Callable[[ArmVaults, str, str], object], set[str]
     ),
     "no diagnostic setting": (lambda a, n, _: a.set_diagnostics(n, []), {"diagnostics"}),
     "standing owner": (
-        lambda a, n, _: a.assign("Owner", "11111111-1111-1111-1111-111111111111", a.group_scope, "User"),
+        lambda a, n, _: a.assign("Owner", str(uuid.uuid4()), a.group_scope, "User"),
         {"privileged_roles"},
     ),
     "standing key vault administrator": (
-        lambda a, n, _: a.assign(
-            "Key Vault Administrator", "22222222-2222-2222-2222-222222222222", a.resource_id(n)
-        ),
+        lambda a, n, _: a.assign("Key Vault Administrator", str(uuid.uuid4()), a.resource_id(n)),
         {"privileged_roles"},
     ),
     "app holds contributor": (
