@@ -74,6 +74,11 @@ class Check:
     status: str
     detail: str
 
+    def __post_init__(self) -> None:
+        # Details quote upstream answers (custom role names, setting names): one printable line.
+        clean = "".join(c if c.isprintable() else " " for c in self.detail)[:_DETAIL_CHARS]
+        object.__setattr__(self, "detail", clean)
+
     def as_dict(self) -> dict[str, str]:
         return {"row": self.row, "status": self.status, "detail": self.detail}
 
@@ -196,9 +201,13 @@ def _vault_checks(settings: Settings, credential: "TokenCredential", resource_id
         return _all(VAULT_ROWS, UNKNOWN, str(error))
     props = vault.properties
     minimum = settings.posture_min_retention_days
-    # The API's documented defaults: soft delete on, 90 days.
-    soft_delete = props.enable_soft_delete is not False
-    retention = props.soft_delete_retention_in_days or 90
+    # The raw JSON values (the model is a Mapping over them): the SDK reads the string "false"
+    # as True. Only a JSON `true` is true; the API's defaults for absent fields: soft delete
+    # on, 90 days.
+    rbac, purge = props.get("enableRbacAuthorization") is True, props.get("enablePurgeProtection") is True
+    soft_delete = props.get("enableSoftDelete", True) is True
+    retention = props.get("softDeleteRetentionInDays", 90)
+    retention = retention if type(retention) is int else 0
     acls = props.network_acls
     default_action = _text(acls.default_action if acls else None, "Allow")
     bypass = _text(acls.bypass if acls else None, "AzureServices")
@@ -211,14 +220,14 @@ def _vault_checks(settings: Settings, credential: "TokenCredential", resource_id
     ]
     checks = {
         "rbac": (PASS, "Azure RBAC permission model")
-        if props.enable_rbac_authorization
+        if rbac
         else (FAIL, "access policies: any principal with vault write can grant itself data access"),
         "soft_delete": (PASS, "soft delete on") if soft_delete else (FAIL, "soft delete off"),
         "soft_delete_retention": (PASS, f"{retention} days")
         if soft_delete and retention >= minimum
         else (FAIL, f"{retention} days, below {minimum}" if soft_delete else "soft delete off"),
         "purge_protection": (PASS, "purge protection on")
-        if props.enable_purge_protection
+        if purge
         else (FAIL, "purge protection off: a deleted vault or secret can be purged at once"),
         "public_network_access": (PASS, "public network access disabled")
         if public.lower() == "disabled"
@@ -261,7 +270,7 @@ def _diagnostics_check(settings: Settings, credential: "TokenCredential", resour
             )
             for log in setting.logs or []
         )
-        if audited and setting.workspace_id:
+        if audited and isinstance(setting.workspace_id, str) and setting.workspace_id:
             return Check(
                 "diagnostics", PASS, f"setting {setting.name} sends AuditEvent to a Log Analytics workspace"
             )
@@ -378,12 +387,21 @@ def read_posture(settings: Settings, credential: "TokenCredential", vault_url: s
         )
         return Posture(vault_url, "", now, tuple(_all(POSTURE_ROWS, UNKNOWN, detail)))
     checks = [
-        *_vault_checks(settings, credential, resource_id),
-        _diagnostics_check(settings, credential, resource_id),
-        *_role_checks(settings, credential, resource_id),
+        *_guarded(VAULT_ROWS, lambda: _vault_checks(settings, credential, resource_id)),
+        *_guarded(("diagnostics",), lambda: [_diagnostics_check(settings, credential, resource_id)]),
+        *_guarded(("privileged_roles", "app_roles"), lambda: _role_checks(settings, credential, resource_id)),
     ]
     order = {row: index for index, row in enumerate(POSTURE_ROWS)}
     return Posture(vault_url, resource_id, now, tuple(sorted(checks, key=lambda c: order[c.row])))
+
+
+def _guarded(rows: tuple[str, ...], read: Callable[[], list[Check]]) -> list[Check]:
+    """An answer the SDK or these checks cannot make sense of leaves its rows unknown."""
+    try:
+        return read()
+    except Exception as error:
+        logger.warning("vault posture: unexpected answer for %s: %s", ", ".join(rows), type(error).__name__)
+        return _all(rows, UNKNOWN, f"unexpected answer from the management plane ({type(error).__name__})")
 
 
 @dataclass
@@ -476,9 +494,15 @@ def admit(
         return None
     from shared.outcomes import REFUSED, Outcome, logged  # noqa: PLC0415
 
-    posture = recorded(rt, vault_url)
-    if posture is None or rt.clock() - posture.checked_on >= rt.settings.posture_max_age:
-        posture = record(rt, vault_url, force=True)
+    expected_id = rt.settings.vault_resource_ids.get(vault_url, "")
+    try:
+        posture = recorded(rt, vault_url)
+        stale = posture is None or rt.clock() - posture.checked_on >= rt.settings.posture_max_age
+        if posture is None or stale or posture.resource_id != expected_id:
+            posture = record(rt, vault_url, force=True)
+    except Exception as error:  # the ledger failed: the refusing rows cannot be shown to pass
+        detail = f"the posture could not be read or recorded ({type(error).__name__})"
+        posture = Posture(vault_url, expected_id, rt.clock(), tuple(_all(refusing, UNKNOWN, detail)))
     blocking = [posture.check(row) for row in refusing if posture.status(row) != PASS]
     if not blocking:
         return None

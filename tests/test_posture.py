@@ -393,3 +393,54 @@ def test_vault_resource_ids_are_parsed_strictly(stack: LocalStack) -> None:
             Settings.from_env({"ROTATION_VAULT_RESOURCE_IDS": bad})
     with pytest.raises(ConfigError, match="ROTATION_POSTURE_MIN_RETENTION_DAYS"):
         Settings.from_env({"ROTATION_POSTURE_MIN_RETENTION_DAYS": "3"})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "row"),
+    [
+        ("enableRbacAuthorization", "yes", "rbac"),
+        ("enablePurgeProtection", 1, "purge_protection"),
+        ("softDeleteRetentionInDays", "90", "soft_delete_retention"),
+        ("enableSoftDelete", "true", "soft_delete"),
+        ("networkAcls", "open\nsesame", "firewall"),
+        ("privateEndpointConnections", [5], "private_endpoint"),
+        ("publicNetworkAccess", ["Disabled"], "public_network_access"),
+    ],
+)
+def test_a_hostile_answer_never_passes_its_row_and_crashes_nothing(
+    stack: LocalStack, arm: ArmVaults, served: str, engine_with: object, field: str, value: Any, row: str
+) -> None:
+    arm.update(served, **{field: value})
+    reading = install(engine_with, stack, arm, served).vault_posture(stack.vault.vault_url, refresh=True)
+    assert reading.status(row) in ("fail", "unknown"), reading.check(row)
+    assert reading.status("diagnostics") == "pass"  # the other parts are still read
+
+
+def test_odd_names_in_upstream_answers_are_quoted_on_one_printable_line(
+    stack: LocalStack, arm: ArmVaults, served: str, engine_with: object
+) -> None:
+    setting = diagnostic_setting(
+        arm.resource_id(served), "x\u0007\nforged", workspace_id="/w", category="AuditEvent"
+    )
+    arm.set_diagnostics(served, [setting])
+    custom = str(uuid.uuid4())
+    arm.define_role(custom, "Everything\n\u001b[31mforged", ["*"])
+    arm.assign(custom, str(uuid.uuid4()), arm.resource_id(served))
+    reading = install(engine_with, stack, arm, served).vault_posture(stack.vault.vault_url, refresh=True)
+    assert reading.status("diagnostics") == "pass"
+    assert reading.status("privileged_roles") == "fail"
+    assert "forged" in reading.check("privileged_roles").detail
+    assert all(check.detail.isprintable() for check in reading.checks)
+
+
+def test_a_failing_management_plane_leaves_its_rows_unknown(
+    stack: LocalStack, arm: ArmVaults, served: str, engine_with: object
+) -> None:
+    stack.storage.inject_fault(503, times=3, path_contains="/diagnosticSettings")
+    try:
+        reading = install(engine_with, stack, arm, served).vault_posture(stack.vault.vault_url, refresh=True)
+    finally:
+        stack.storage.clear_faults()
+    assert reading.check("diagnostics").status == "unknown"
+    assert "HTTP 503" in reading.check("diagnostics").detail
+    assert reading.rows_with("pass") == [row for row in POSTURE_ROWS if row != "diagnostics"]
