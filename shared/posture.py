@@ -263,7 +263,7 @@ def _diagnostics_check(settings: Settings, credential: "TokenCredential", resour
         return Check("diagnostics", UNKNOWN, str(error)[:_DETAIL_CHARS])
     for setting in found:
         audited = any(
-            log.enabled
+            log.enabled is True
             and (
                 (log.category or "").lower() == "auditevent"
                 or (log.category_group or "").lower() in AUDIT_GROUPS

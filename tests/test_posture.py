@@ -444,3 +444,18 @@ def test_a_failing_management_plane_leaves_its_rows_unknown(
     assert reading.check("diagnostics").status == "unknown"
     assert "HTTP 503" in reading.check("diagnostics").detail
     assert reading.rows_with("pass") == [row for row in POSTURE_ROWS if row != "diagnostics"]
+
+
+def test_the_management_sdks_load_only_when_a_posture_is_read() -> None:
+    """Cold start: indexing the app and building the engine import none of the three SDKs."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    probe = (
+        "import sys, function_app, shared.api, shared.service, shared.sweep, shared.cli; "
+        "print(sorted(m for m in sys.modules if m.startswith('azure.mgmt.') and 'storage' not in m))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout
