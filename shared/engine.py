@@ -196,9 +196,8 @@ class RotationEngine:
             return logged(Outcome(OUTSIDE_WINDOW, name, f"outside the rotation window ({window} UTC)"))
 
         # A `refuse` row of ROTATION_POSTURE_POLICY that the vault fails: nothing is touched.
-        refusal = posture.admit(
-            rt, state or SecretState(vault_url=vault_url, name=name), current.properties, vault_url
-        )
+        row = state or SecretState(vault_url=vault_url, name=name)
+        refusal = posture.admit(rt, row, current.properties, vault_url, emergency=emergency)
         if refusal is not None:
             return refusal
 
@@ -259,6 +258,3 @@ class RotationEngine:
     def vault_posture(self, vault_url: str, *, refresh: bool = False) -> posture.Posture:
         """The vault's recorded posture (read and recorded first when due, or with `refresh`)."""
         return posture.record(self._rt, normalize_vault_url(vault_url), force=refresh)
-
-    def recorded_posture(self, vault_url: str) -> posture.Posture | None:
-        return posture.recorded(self._rt, normalize_vault_url(vault_url))

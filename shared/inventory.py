@@ -82,8 +82,8 @@ def managed_secrets(rt: Runtime, *, refresh: bool = False) -> tuple[list[dict[st
             listing = list_secrets(rt, vault_url)
             items = record_inventory(rt, vault_url, listing, now, stored=None if refresh else items)
         as_of = min(as_of, listed_on)
-        recorded = posture.recorded(rt, vault_url)
-        vault_posture = recorded.summary()["status"] if recorded else None
+        summary = _posture_summary(rt, vault_url)
+        vault_posture = summary["status"] if summary else None
         for item in items:
             state = states.get((vault_url, item.name.lower()))
             rotated_since = state and state.last_rotated_on and state.last_rotated_on > listed_on
@@ -108,8 +108,13 @@ def managed_secrets(rt: Runtime, *, refresh: bool = False) -> tuple[list[dict[st
 
 
 def _posture_summary(rt: Runtime, vault_url: str) -> dict[str, Any] | None:
-    """The vault's recorded posture in brief (None: never recorded). Reads the ledger only."""
-    recorded = posture.recorded(rt, vault_url)
+    """The vault's recorded posture in brief (None: never recorded, or unreadable: logged).
+    Reads the ledger only."""
+    try:
+        recorded = posture.recorded(rt, vault_url)
+    except Exception as error:
+        logger.error("could not read the posture of %s: %s", vault_url, describe_error(error))
+        return None
     return recorded.summary() if recorded else None
 
 

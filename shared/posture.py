@@ -484,11 +484,17 @@ def sweep(rt: "Runtime") -> None:
 
 
 def admit(
-    rt: "Runtime", state: "SecretState", current: "SecretProperties", vault_url: str
+    rt: "Runtime",
+    state: "SecretState",
+    current: "SecretProperties",
+    vault_url: str,
+    *,
+    emergency: bool = False,
 ) -> "Outcome | None":
     """Before a rotation writes a new credential: every `refuse` row passes on the vault's
     recorded posture (read again if older than ROTATION_POSTURE_MAX_AGE). A row that fails or
-    is unknown refuses; the refusal is recorded and notified once per posture."""
+    is unknown refuses; the refusal is recorded and notified once per posture. An emergency
+    (a leaked credential) goes ahead, logged: refusing it would leave the leak live."""
     refusing = rt.settings.refused_rows()
     if not refusing:
         return None
@@ -507,6 +513,9 @@ def admit(
     if not blocking:
         return None
     reasons = "; ".join(f"{c.row} {c.status} ({c.detail})" for c in blocking)
+    if emergency:
+        logger.warning("%s: emergency rotation despite the vault posture: %s", state.name, reasons)
+        return None
     message = (
         f"vault posture refuses rotation (ROTATION_POSTURE_POLICY): {reasons}; "
         f"posture checked {posture.checked_on.isoformat()}"

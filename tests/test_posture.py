@@ -8,7 +8,7 @@ serves each test's vault configured as hardened, legacy, drifted or unreadable.
 import json
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -19,6 +19,7 @@ from devstack.stack import LocalStack, provision_postgres_secret
 from shared import posture
 from shared.engine import RotationEngine
 from shared.errors import ConfigError
+from shared.ledger import PostureRecord
 from shared.settings import POSTURE_ROWS, Settings, parse_posture_policy
 from tests.conftest import can_login, soon
 from tests.crashes import TestClock
@@ -232,6 +233,11 @@ def test_a_vault_without_a_resource_id_is_unknown_and_says_which_setting(
     assert "ROTATION_VAULT_RESOURCE_IDS" in reading.check("rbac").detail
 
 
+def since(engine: RotationEngine, vault_url: str, moment: datetime) -> list[PostureRecord]:
+    """The vault's posture changes recorded after `moment` (other tests' clocks may run ahead)."""
+    return [r for r in engine.ledger.posture_history(vault_url, limit=100) if r.checked_on > moment]
+
+
 def test_drift_between_two_sweeps_is_recorded_with_its_time_and_notified(
     stack: LocalStack, arm: ArmVaults, served: str, engine_with: object, notices: list[dict[str, Any]]
 ) -> None:
@@ -249,8 +255,8 @@ def test_drift_between_two_sweeps_is_recorded_with_its_time_and_notified(
     arm.update(served, enablePurgeProtection=False, networkAcls={"defaultAction": "Allow"})
     engine.sweep()
     drift_time = clock.now()
-    # Then the change is a history row with its time, and someone is told once
-    newest = engine.ledger.posture_history(vault_url, limit=1)[0]
+    # Then the change is one history row with its time, and someone is told once
+    [newest] = since(engine, vault_url, first.checked_on)
     assert sorted(json.loads(newest.changes)) == ["firewall: pass -> fail", "purge_protection: pass -> fail"]
     assert first.checked_on < newest.checked_on <= drift_time
     failed = [n for n in notices if n["status"] == "posture_failed"]
@@ -259,7 +265,7 @@ def test_drift_between_two_sweeps_is_recorded_with_its_time_and_notified(
     # And a third sweep with nothing changed records the reading, but neither history nor notice
     clock.advance(timedelta(hours=1))
     engine.sweep()
-    assert engine.ledger.posture_history(vault_url, limit=1)[0].checked_on == newest.checked_on
+    assert since(engine, vault_url, first.checked_on) == [newest]
     assert len([n for n in notices if n["status"] == "posture_failed"]) == 1
     latest = engine.ledger.posture(vault_url)
     assert latest is not None and latest.checked_on > newest.checked_on
@@ -323,6 +329,20 @@ def test_refuse_blocks_a_rotation_into_a_failing_vault_with_nothing_changed(
     engine.vault_posture(stack.vault.vault_url, refresh=True)
     rotated = engine.rotate(stack.vault.vault_url, unique, trigger="manual")
     assert rotated.status == "rotated", rotated.message
+
+
+def test_an_emergency_rotation_goes_ahead_despite_a_refusing_row(
+    stack: LocalStack, arm: ArmVaults, served: str, unique: str, engine_with: object
+) -> None:
+    """A leaked credential must stop working: refusing its rotation would leave the leak live."""
+    provision_postgres_secret(stack, unique, prefix=unique, expires_on=soon(20))
+    arm.update(served, enablePurgeProtection=False)
+    engine = install(
+        engine_with, stack, arm, served, env={"ROTATION_POSTURE_POLICY": "purge_protection=refuse"}
+    )
+    assert engine.rotate(stack.vault.vault_url, unique, trigger="manual").status == "refused"
+    outcome = engine.rotate(stack.vault.vault_url, unique, trigger="manual:emergency", emergency=True)
+    assert outcome.status == "rotated", outcome.message
 
 
 def test_warn_rotates_into_a_failing_vault(
