@@ -92,7 +92,8 @@ def test_status_and_list_carry_the_vault_posture_summary(
     summary = json.loads(response.get_body())["posture"]
     assert summary["status"] == "fail" and "purge_protection" in summary["failing"]
     listing = json.loads(call_http("list_rotations", "GET", "rotations").get_body())
-    assert {row["name"]: row["posture"] for row in listing["value"]}[unique] == "fail"
+    # Every row (a page of the whole fleet the suite made) is in the one served vault.
+    assert listing["value"] and {row["posture"] for row in listing["value"]} == {"fail"}
 
 
 def test_the_cli_prints_the_checklist_and_a_refused_rotation(
