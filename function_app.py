@@ -171,3 +171,12 @@ def set_key_rotation_policy(req: func.HttpRequest) -> func.HttpResponse:
     caller = api.requested_by(req.headers, keys.settings)
     name = req.route_params.get("name", "")
     return _respond(api.set_key_rotation_policy(keys, name, req.params, req.get_body(), caller))
+
+
+@app.function_name("vault_posture")
+@app.route(route="posture", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def vault_posture(req: func.HttpRequest) -> func.HttpResponse:
+    """Each served vault's hardening checklist (pass, fail, unknown per row), or one with ?vault=."""
+    from shared import api, service
+
+    return _respond(api.vault_posture(service.engine(), req.params))

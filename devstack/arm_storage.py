@@ -42,6 +42,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import parse_qsl, urlsplit
 
+from devstack.arm_vaults import ArmVaults
 from devstack.keyvault.certs import CertPaths, ensure_certs
 from devstack.tls_server import QuietHandler, TlsHTTPServer
 
@@ -226,6 +227,8 @@ class ArmStorageStandIn:
         self._accounts: dict[str, _Account] = {}
         self._generated: set[str] = set()
         self._faults: list[_Fault] = []
+        # Key Vault posture (vault properties, diagnostic settings, role assignments) on this ARM.
+        self.vaults = ArmVaults()
         self._certs: CertPaths | None = None
         self._servers: dict[Plane, _Server] = {}
         self._threads: list[threading.Thread] = []
@@ -416,6 +419,14 @@ class ArmStorageStandIn:
 
     def _arm(self, method: str, path: str, query: str, headers: dict[str, str], raw: bytes) -> _Response:
         match = _ARM_PATH.match(path)
+        if match is None and self.vaults.serves(path):
+            refused = self._authenticate(_header(headers, "Authorization"))
+            if refused is not None or not dict(parse_qsl(query)).get("api-version"):
+                return refused or _arm_error(
+                    400, "MissingApiVersionParameter", "The api-version is required."
+                )
+            self.request_counts["vaults"] += 1
+            return _json(*self.vaults.request(method, path, dict(parse_qsl(query))))
         if match is None:
             self.request_counts["arm:unknown"] += 1
             return _arm_error(404, "NotFound", f"No route for {method} {path[:200]}.")

@@ -451,3 +451,33 @@ def entra_expiring(engine: RotationEngine, params: Mapping[str, str]) -> ApiResu
     except RotationError as problem:
         return error(502, "upstream_error", str(problem))
     return ApiResult(200, {"value": rows, "count": len(rows), "within": str(within)})
+
+
+def _posture_body(engine: RotationEngine, reading: Any, history: int) -> dict[str, Any]:
+    policy = engine.settings.posture_policy
+    body: dict[str, Any] = reading.as_dict()
+    for check in body["checks"]:
+        check["policy"] = policy.get(check["row"], "warn")
+    if history:
+        body["history"] = [
+            {"checked_on": record.checked_on.isoformat(), "changes": json.loads(record.changes or "[]")}
+            for record in engine.ledger.posture_history(reading.vault_url, history)
+        ]
+    return body
+
+
+@_guard
+def vault_posture(engine: RotationEngine, params: Mapping[str, str]) -> ApiResult:
+    """GET /posture: each served vault's hardening checklist as last recorded (read now if
+    older than ROTATION_POSTURE_INTERVAL, or with refresh=true); one vault, with its history of
+    changes (the last 10, or `history`), with ?vault=."""
+    refresh = params.get("refresh", "false").lower()
+    if refresh not in ("true", "false"):
+        raise BadRequest(400, "invalid_query", "refresh must be true or false")
+    history = _query_int(params, "history", 10 if "vault" in params else 0, 0, MAX_HISTORY)
+    if "vault" in params:
+        reading = engine.vault_posture(_vault(engine, params), refresh=refresh == "true")
+        return ApiResult(200, _posture_body(engine, reading, history))
+    vaults = sorted(engine.settings.allowed_vaults)
+    readings = [engine.vault_posture(url, refresh=refresh == "true") for url in vaults]
+    return ApiResult(200, {"value": [_posture_body(engine, reading, history) for reading in readings]})

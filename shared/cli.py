@@ -10,6 +10,7 @@ laptop that is `az login`.
     python -m shared.cli list --due-within P7D
     python -m shared.cli sweep
     python -m shared.cli adopt orders-db --rotator postgres --target db:5432/app ...
+    python -m shared.cli posture --refresh
     python -m shared.cli key-policy orders-cmk --rotate-before-expiry P30D --expires-after P1Y
 """
 
@@ -86,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     expiring.add_argument("--within", help="ISO 8601 duration (default: the sweep's lead time)")
 
+    posture = commands.add_parser("posture", help="each served vault's hardening checklist")
+    posture.add_argument("--refresh", action="store_true", help="read the vaults now, not the last record")
+    posture.add_argument("--history", default="10", help="changes to show with --vault (default 10)")
+
     key_policy = commands.add_parser("key-policy", help="set a Key Vault key's rotation policy")
     key_policy.add_argument("name")
     for option, text in _KEY_POLICY_OPTIONS:
@@ -117,6 +122,23 @@ def _render(command: str, result: api.ApiResult) -> str:
         columns = ("end", "expired", "application", "app_id", "credential", "key_id")
         footer = f"\n{body['count']} client secret(s) ending within {body['within']} and not under rotation"
         return _table(body["value"], columns) + footer
+
+    if command == "posture":
+        vaults = body.get("value", [body])
+        blocks = []
+        for vault in vaults:
+            summary = vault["summary"]
+            head = f"{vault['vault']}: {summary['status']} (checked {vault['checked_on']})"
+            text = head + "\n" + _table(vault["checks"], ("row", "status", "policy", "detail"))
+            changes = [
+                {"checked_on": item["checked_on"], "change": change}
+                for item in vault.get("history") or []
+                for change in item["changes"]
+            ]
+            if changes:
+                text += "\n\nchanges\n" + _table(changes, ("checked_on", "change"))
+            blocks.append(text)
+        return "\n\n".join(blocks) or "no vault served"
     if command == "key-policy":
         policy = body["policy"]
         actions = [
@@ -183,6 +205,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         if not args.json:
             print(_table(rows, ("secret", "status", "message")) if rows else "nothing to do")
             return EXIT_OK
+    elif args.command == "posture":
+        query = {**params, "refresh": "true" if args.refresh else "false"}
+        query |= {"history": args.history} if args.vault else {}
+        result = api.vault_posture(engine, query)
     elif args.command == "bind":
         result = api.bind(engine, args.name, params, b"", caller)
     elif args.command == "entra-expiring":

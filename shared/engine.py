@@ -16,7 +16,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.keyvault.secrets import SecretClient
 
 from rotators import RotatorRegistry
-from shared import binding, inventory, reach, steps, sweep
+from shared import binding, inventory, posture, reach, steps, sweep
 from shared.config import TAG_WINDOW, parse_config, validate_secret_name
 from shared.errors import ConfigError, NotManaged
 from shared.events import VaultEvent
@@ -200,6 +200,12 @@ class RotationEngine:
             window = config.tags.get(TAG_WINDOW, "")
             return logged(Outcome(OUTSIDE_WINDOW, name, f"outside the rotation window ({window} UTC)"))
 
+        # A `refuse` row of ROTATION_POSTURE_POLICY that the vault fails: nothing is touched.
+        row = state or SecretState(vault_url=vault_url, name=name)
+        refusal = posture.admit(rt, row, current.properties, vault_url, emergency=emergency)
+        if refusal is not None:
+            return refusal
+
         if state and state.state == OVERLAP:
             due = state.retire_after is not None and state.retire_after <= now
             if not (due or emergency):
@@ -253,3 +259,7 @@ class RotationEngine:
 
     def sweep(self) -> list[Outcome]:
         return sweep.sweep(self._rt, self.rotate)
+
+    def vault_posture(self, vault_url: str, *, refresh: bool = False) -> posture.Posture:
+        """The vault's recorded posture (read and recorded first when due, or with `refresh`)."""
+        return posture.record(self._rt, normalize_vault_url(vault_url), force=refresh)

@@ -11,6 +11,7 @@ from typing import Any
 
 from azure.keyvault.secrets import SecretProperties
 
+from shared import posture
 from shared.config import TAG_ROTATOR, is_managed, parse_config, validate_secret_name
 from shared.errors import ConfigError
 from shared.ledger import IDLE, InventoryItem, as_dict
@@ -56,6 +57,7 @@ def status(rt: Runtime, vault_url: str, name: str, history_limit: int = 10) -> d
         "bound_by": state.bound_by if state else "",
         "bound_on": iso(state.bound_on) if state else None,
         "binding": json.loads(state.binding) if state and state.binding else None,
+        "posture": _posture_summary(rt, vault_url),
         "history": [as_dict(record) for record in rt.ledger.history(vault_url, name, history_limit)],
     }
 
@@ -80,6 +82,8 @@ def managed_secrets(rt: Runtime, *, refresh: bool = False) -> tuple[list[dict[st
             listing = list_secrets(rt, vault_url)
             items = record_inventory(rt, vault_url, listing, now, stored=None if refresh else items)
         as_of = min(as_of, listed_on)
+        summary = _posture_summary(rt, vault_url)
+        vault_posture = summary["status"] if summary else None
         for item in items:
             state = states.get((vault_url, item.name.lower()))
             rotated_since = state and state.last_rotated_on and state.last_rotated_on > listed_on
@@ -95,11 +99,23 @@ def managed_secrets(rt: Runtime, *, refresh: bool = False) -> tuple[list[dict[st
                     "retire_after": iso(state.retire_after) if state else None,
                     "last_outcome": state.last_outcome if state else "",
                     "last_rotated_on": iso(state.last_rotated_on) if state else None,
+                    "posture": vault_posture,
                 }
             )
     far_future = "9999"
     rows.sort(key=lambda row: (row["expires_on"] or far_future, row["vault"], row["name"]))
     return rows, as_of
+
+
+def _posture_summary(rt: Runtime, vault_url: str) -> dict[str, Any] | None:
+    """The vault's recorded posture in brief (None: never recorded, or unreadable: logged).
+    Reads the ledger only."""
+    try:
+        recorded = posture.recorded(rt, vault_url)
+    except Exception as error:
+        logger.error("could not read the posture of %s: %s", vault_url, describe_error(error))
+        return None
+    return recorded.summary() if recorded else None
 
 
 def list_secrets(rt: Runtime, vault_url: str) -> list[SecretProperties]:

@@ -194,6 +194,22 @@ _META = "~meta"
 _NAMES_MIGRATED = "names-migrated"
 _PART_CHARS = 30_000
 _BATCH = 100
+# Vault posture (shared/posture.py): the latest reading is the row `posture` of the vault's
+# inventory partition, a change is a history row under `<vault>|~posture` (no secret name has '~').
+_POSTURE = "posture"
+_POSTURE_HISTORY = "~posture"
+
+
+@dataclass
+class PostureRecord:
+    """A vault's posture as read at `checked_on`: `checks` is the JSON list of its rows."""
+
+    vault_url: str
+    checked_on: datetime
+    checks: str = "[]"
+    resource_id: str = ""
+    changes: str = "[]"
+    etag: str | None = field(default=None, compare=False)
 
 
 class Ledger:
@@ -417,6 +433,69 @@ class Ledger:
         if listed_on is not None:
             others = [known for known in items if known.name != item.name]
             self.replace_inventory(item.vault_url, [*others, item], listed_on, stored=items)
+
+    def posture(self, vault_url: str) -> PostureRecord | None:
+        try:
+            entity = call_with_retry(
+                lambda: self._inventory.get_entity(vault_key(vault_url), _POSTURE), what="read posture"
+            )
+        except ResourceNotFoundError:
+            return None
+        record: PostureRecord = _from_entity(PostureRecord, entity)
+        return record
+
+    def save_posture(
+        self,
+        vault_url: str,
+        resource_id: str,
+        checked_on: datetime,
+        checks: str,
+        stored: PostureRecord | None,
+    ) -> None:
+        """Replace the vault's posture if it is still `stored` (as read); ConcurrentUpdate otherwise."""
+        record = PostureRecord(vault_url, checked_on, checks, resource_id)
+        entity = _to_entity(record, vault_key(vault_url), _POSTURE)
+        try:
+            if stored is None or stored.etag is None:
+                call_with_retry(lambda: self._inventory.create_entity(entity), what="record posture")
+            else:
+                call_with_retry(
+                    lambda: self._inventory.update_entity(
+                        entity,
+                        mode=UpdateMode.REPLACE,
+                        etag=stored.etag,
+                        match_condition=MatchConditions.IfNotModified,
+                    ),
+                    what="record posture",
+                )
+        except HttpResponseError as error:
+            if _is_conflict(error):
+                raise ConcurrentUpdate(f"posture of {vault_url} recorded concurrently") from None
+            raise
+
+    def write_posture_history(
+        self, vault_url: str, checked_on: datetime, checks: str, changes: list[str]
+    ) -> None:
+        record = PostureRecord(vault_url, checked_on, checks, changes=json.dumps(changes))
+        inverted = 10**14 - int(checked_on.timestamp() * 1000)
+        entity = _to_entity(record, f"{vault_key(vault_url)}|{_POSTURE_HISTORY}", f"{inverted:014d}")
+        call_with_retry(
+            lambda: self._history.upsert_entity(entity, mode=UpdateMode.REPLACE), what="write posture history"
+        )
+
+    def posture_history(self, vault_url: str, limit: int = 20) -> list[PostureRecord]:
+        """The vault's posture changes, newest first."""
+        query = self._history.query_entities(
+            "PartitionKey eq @pk",
+            parameters={"pk": f"{vault_key(vault_url)}|{_POSTURE_HISTORY}"},
+            results_per_page=limit,
+        )
+        records: list[PostureRecord] = []
+        for entity in query:
+            records.append(_from_entity(PostureRecord, entity))
+            if len(records) >= limit:
+                break
+        return records
 
 
 @dataclass

@@ -21,6 +21,25 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 POSTGRES_SSLMODES = ("verify-full", "verify-ca")
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 _MAX_SETTING_INT = 1_000_000
+# The vault posture checklist (shared/posture.py), by the names ROTATION_POSTURE_POLICY uses.
+POSTURE_ROWS = (
+    "rbac",
+    "soft_delete",
+    "soft_delete_retention",
+    "purge_protection",
+    "public_network_access",
+    "firewall",
+    "private_endpoint",
+    "diagnostics",
+    "privileged_roles",
+    "app_roles",
+)
+POSTURE_ACTIONS = ("warn", "refuse")
+_VAULT_RESOURCE_ID = re.compile(
+    r"^/subscriptions/[0-9A-Fa-f-]{36}/resourceGroups/[-\w.()]{1,90}"
+    r"/providers/Microsoft\.KeyVault/vaults/[A-Za-z0-9-]{3,24}$",
+    re.IGNORECASE,
+)
 
 
 def normalize_vault_url(value: str) -> str:
@@ -126,6 +145,44 @@ def _vault_targets(value: str) -> dict[str, tuple[str, ...]]:
     return lists
 
 
+def _vault_resource_ids(value: str) -> dict[str, str]:
+    """`vault=/subscriptions/.../vaults/name;...` -> {vault URL: the vault's ARM resource id}."""
+    ids: dict[str, str] = {}
+    for item in value.split(";"):
+        if not item.strip():
+            continue
+        vault, sep, resource_id = item.partition("=")
+        if not sep:
+            raise ConfigError(f"ROTATION_VAULT_RESOURCE_IDS: {item.strip()[:80]!r} is not vault=resource id")
+        url = normalize_vault_url(vault)
+        resource_id = resource_id.strip().rstrip("/")
+        if not _VAULT_RESOURCE_ID.match(resource_id):
+            raise ConfigError(
+                f"ROTATION_VAULT_RESOURCE_IDS: {resource_id[:120]!r} is not a vault's resource id "
+                "(/subscriptions/<id>/resourceGroups/<group>/providers/Microsoft.KeyVault/vaults/<name>)"
+            )
+        if url in ids:
+            raise ConfigError(f"ROTATION_VAULT_RESOURCE_IDS: vault {url} is given twice")
+        ids[url] = resource_id
+    return ids
+
+
+def parse_posture_policy(value: str) -> dict[str, str]:
+    """`purge_protection=refuse,rbac=refuse` -> {row: action}; rows not named are `warn`."""
+    policy: dict[str, str] = {}
+    for item in _split_list(value):
+        row, sep, action = (part.strip().lower() for part in item.partition("="))
+        if not sep or row not in POSTURE_ROWS or action not in POSTURE_ACTIONS:
+            raise ConfigError(
+                f"ROTATION_POSTURE_POLICY: {item[:80]!r} is not row=warn or row=refuse "
+                f"(rows: {', '.join(POSTURE_ROWS)})"
+            )
+        if row in policy:
+            raise ConfigError(f"ROTATION_POSTURE_POLICY: row {row} is given twice")
+        policy[row] = action
+    return policy
+
+
 @dataclass(frozen=True)
 class Settings:
     allowed_vaults: frozenset[str]
@@ -175,6 +232,15 @@ class Settings:
     # Record the App Service authentication principal (X-MS-CLIENT-PRINCIPAL-*) as who called;
     # only safe when that authentication is on, as only then does App Service strip the headers.
     trust_app_service_auth: bool = False
+    # Vault posture (shared/posture.py): each vault's ARM resource id, the action per checklist
+    # row, how often the sweep reads it, how old a record a refusing row may rely on, the soft
+    # delete retention that passes, and the app's own principal (else the token's `oid`).
+    vault_resource_ids: Mapping[str, str] = field(default_factory=dict)
+    posture_policy: Mapping[str, str] = field(default_factory=dict)
+    posture_interval: timedelta = timedelta(hours=1)
+    posture_max_age: timedelta = timedelta(hours=6)
+    posture_min_retention_days: int = 90
+    app_principal_id: str | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -237,7 +303,22 @@ class Settings:
             ledger_table_endpoint=table_endpoint or None,
             ledger_table_prefix=env.get("LEDGER_TABLE_PREFIX", cls.ledger_table_prefix),
             trust_app_service_auth=_bool(env.get("ROTATION_TRUST_APP_SERVICE_AUTH", "false")),
+            vault_resource_ids=_vault_resource_ids(env.get("ROTATION_VAULT_RESOURCE_IDS", "")),
+            posture_policy=parse_posture_policy(env.get("ROTATION_POSTURE_POLICY", "")),
+            posture_interval=duration("ROTATION_POSTURE_INTERVAL", cls.posture_interval),
+            posture_max_age=duration("ROTATION_POSTURE_MAX_AGE", cls.posture_max_age),
+            posture_min_retention_days=parse_int(
+                (env.get("ROTATION_POSTURE_MIN_RETENTION_DAYS") or "90").strip(),
+                low=7,
+                high=90,
+                what="setting ROTATION_POSTURE_MIN_RETENTION_DAYS",
+            ),
+            app_principal_id=(env.get("ROTATION_APP_PRINCIPAL_ID") or "").strip() or None,
         )
+
+    def refused_rows(self) -> tuple[str, ...]:
+        """The posture rows whose failure refuses a rotation into the vault."""
+        return tuple(row for row in POSTURE_ROWS if self.posture_policy.get(row) == "refuse")
 
     def vault_allowed(self, vault_url: str) -> bool:
         return vault_url in self.allowed_vaults

@@ -10,7 +10,7 @@ from functools import partial
 
 from azure.keyvault.secrets import SecretProperties
 
-from shared import steps
+from shared import posture, steps
 from shared.binding import refusal_key
 from shared.config import is_managed, parse_config
 from shared.errors import ConfigError
@@ -29,6 +29,8 @@ def sweep(rt: Runtime, rotate: Callable[..., Outcome]) -> list[Outcome]:
     each vault's budget, so a fleet due at once rotates as fast as Key Vault allows.
     """
     now = rt.clock()
+    # Each vault's posture when due (hourly): a refusing policy then admits on this reading.
+    posture.sweep(rt)
     # Ledger first, then the vaults: a retirement claims the row with the ETag read here,
     # so whatever changed after this read makes it back off rather than act on stale tags.
     states = {(state.vault_url, state.name): state for state in rt.ledger.states()}
