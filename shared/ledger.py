@@ -55,6 +55,26 @@ def _is_conflict(error: HttpResponseError) -> bool:
     return isinstance(error, ResourceModifiedError | ResourceExistsError) or error.status_code in (409, 412)
 
 
+def _write_if_unchanged(
+    table: TableClient, entity: dict[str, Any], etag: str | None, *, what: tuple[str, str], conflict: str
+) -> dict[str, Any]:
+    """Create the row (no `etag`) or replace it if it still has `etag`; ConcurrentUpdate if
+    another writer got there first. `what` names the create and the replace for the retries."""
+    try:
+        if etag is None:
+            return call_with_retry(lambda: table.create_entity(entity), what=what[0])
+        return call_with_retry(
+            lambda: table.update_entity(
+                entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
+            ),
+            what=what[1],
+        )
+    except HttpResponseError as error:
+        if _is_conflict(error):
+            raise ConcurrentUpdate(conflict) from None
+        raise
+
+
 @dataclass
 class SecretState:
     """Where one managed secret stands. Field names are the table's column names."""
@@ -253,23 +273,13 @@ class Ledger:
     def save(self, state: SecretState) -> SecretState:
         """Write the row if nobody changed it since it was read; raise ConcurrentUpdate otherwise."""
         entity = _to_entity(state, vault_key(state.vault_url), secret_key(state.name))
-        try:
-            if state.etag is None:
-                meta = call_with_retry(lambda: self._state.create_entity(entity), what="create ledger row")
-            else:
-                meta = call_with_retry(
-                    lambda: self._state.update_entity(
-                        entity,
-                        mode=UpdateMode.REPLACE,
-                        etag=state.etag,
-                        match_condition=MatchConditions.IfNotModified,
-                    ),
-                    what="update ledger row",
-                )
-        except HttpResponseError as error:
-            if _is_conflict(error):
-                raise ConcurrentUpdate(f"ledger row of {state.name} changed concurrently") from None
-            raise
+        meta = _write_if_unchanged(
+            self._state,
+            entity,
+            state.etag,
+            what=("create ledger row", "update ledger row"),
+            conflict=f"ledger row of {state.name} changed concurrently",
+        )
         state.etag = meta.get("etag")
         return state
 
@@ -455,23 +465,13 @@ class Ledger:
         """Replace the vault's posture if it is still `stored` (as read); ConcurrentUpdate otherwise."""
         record = PostureRecord(vault_url, checked_on, checks, resource_id)
         entity = _to_entity(record, vault_key(vault_url), _POSTURE)
-        try:
-            if stored is None or stored.etag is None:
-                call_with_retry(lambda: self._inventory.create_entity(entity), what="record posture")
-            else:
-                call_with_retry(
-                    lambda: self._inventory.update_entity(
-                        entity,
-                        mode=UpdateMode.REPLACE,
-                        etag=stored.etag,
-                        match_condition=MatchConditions.IfNotModified,
-                    ),
-                    what="record posture",
-                )
-        except HttpResponseError as error:
-            if _is_conflict(error):
-                raise ConcurrentUpdate(f"posture of {vault_url} recorded concurrently") from None
-            raise
+        _write_if_unchanged(
+            self._inventory,
+            entity,
+            stored.etag if stored is not None else None,
+            what=("record posture", "record posture"),
+            conflict=f"posture of {vault_url} recorded concurrently",
+        )
 
     def write_posture_history(
         self, vault_url: str, checked_on: datetime, checks: str, changes: list[str]
