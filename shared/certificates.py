@@ -38,12 +38,13 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -69,11 +70,13 @@ from requests import PreparedRequest, Response
 
 from shared.config import TAG_ROTATOR
 from shared.errors import ConfigError, Refused, TargetNotAllowed
-from shared.ledger import FAILED, IDLE, ConcurrentUpdate, SecretState, history_key
+from shared.events import VaultEvent
+from shared.ledger import FAILED, IDLE, ConcurrentUpdate, SecretState, as_dict, history_key
 from shared.outcomes import (
     BOUND,
     DROPPED,
     IN_PROGRESS,
+    INVALID,
     MISCONFIGURED,
     NOT_FOUND,
     NOT_MANAGED,
@@ -326,6 +329,89 @@ class CertificateRenewal:
             Outcome(BOUND, name, f"bound by {requested_by}: {config.directory}, zone {config.zone}")
         )
 
+    def handle_event(self, event: VaultEvent) -> Outcome:
+        """CertificateNearExpiry / CertificateExpired: renew if the event is about the current version."""
+        if not event.is_certificate:
+            return logged(Outcome(INVALID, event.name, "not a certificate event"))
+        return self.renew(
+            event.vault_url,
+            event.name,
+            trigger=f"event:{event.event_type.rsplit('.', 1)[-1]}",
+            requested_by=f"eventgrid:{event.event_id}",
+            expected_version=event.version,
+        )
+
+    def sweep(self) -> list[Outcome]:
+        """Resume renewals that stopped half way, renew opted-in certificates near expiry whose
+        event never came (CertificateNearExpiry fires once, 30 days before expiry)."""
+        outcomes = []
+        now = self.rt.clock()
+        states = {
+            (s.vault_url, s.name): s
+            for s in self.rt.ledger.states()
+            if s.state in (RENEWING, FAILED) and self.rt.settings.vault_allowed(s.vault_url)
+        }
+        work = {key for key, s in states.items() if s.state == RENEWING and not _leased(s, now)}
+        for vault_url in sorted(self.rt.settings.allowed_vaults):
+            try:
+                due = self.due(vault_url, self.rt.settings.sweep_lead_time)
+            except HttpResponseError as error:  # no certificates/list on this vault, throttled...
+                logger.warning("certificates of %s not listed: %s", vault_url, describe_error(error))
+                continue
+            for name in due:
+                failed = states.get((vault_url, name.lower()))
+                last = failed.last_attempt_on if failed is not None and failed.state == FAILED else None
+                if last is not None and last + self.rt.settings.retry_after_failure > now:
+                    continue
+                work.add((vault_url, name.lower()))
+        for vault_url, name in sorted(work):
+            try:
+                outcomes.append(self.renew(vault_url, name, trigger="sweep", requested_by="timer"))
+            except Exception as error:  # one certificate's failure must not stop the sweep
+                logger.error("certificate %s: sweep failed: %s", name, describe_error(error))
+                outcomes.append(Outcome(ROTATION_FAILED, name, describe_error(error), retryable=True))
+        return outcomes
+
+    def status(self, vault_url: str, name: str, history: int = 10) -> dict[str, Any]:
+        """The certificate's current version and expiry, its renewal row and recent history."""
+        client = self.certificate_client(vault_url)
+        current = call_with_retry(lambda: client.get_certificate(name), what="read certificate")
+        props = current.properties
+        state = self.rt.ledger.get(vault_url, name)
+        return {
+            "certificate": name,
+            "vault": vault_url,
+            "managed": is_acme_managed(props.tags if props else None),
+            "current_version": props.version if props else None,
+            "expires_on": props.expires_on.isoformat() if props and props.expires_on else None,
+            "state": as_dict(state) if state else None,
+            "history": [as_dict(h) for h in self.rt.ledger.rotations(vault_url, name, history)],
+        }
+
+    def listing(self, vault_url: str) -> list[dict[str, Any]]:
+        """Every opted-in certificate of a vault with its expiry and renewal state."""
+        client = self.certificate_client(vault_url)
+        states = {s.name: s for s in self.rt.ledger.states(vault_url)}
+        items = []
+        for props in client.list_properties_of_certificates():
+            if not props.name or not is_acme_managed(props.tags):
+                continue
+            state = states.get(props.name.lower())
+            items.append(
+                {
+                    "certificate": props.name,
+                    "vault": vault_url,
+                    "expires_on": props.expires_on.isoformat() if props.expires_on else None,
+                    "enabled": props.enabled,
+                    "state": state.state if state else "unbound",
+                    "last_outcome": state.last_outcome if state else "",
+                    "last_rotated_on": state.last_rotated_on.isoformat()
+                    if state and state.last_rotated_on
+                    else None,
+                }
+            )
+        return items
+
     def due(self, vault_url: str, horizon: dt.timedelta) -> list[str]:
         """Opted-in certificates of a vault whose current version expires within `horizon`
         (for the sweep: the event may never have come)."""
@@ -372,7 +458,7 @@ class CertificateRenewal:
             status = REFUSED if isinstance(error, Refused | TargetNotAllowed) else MISCONFIGURED
             return self._report(state, Outcome(status, name, f"{error}; version {version} is still current"))
         now = self.rt.clock()
-        if resuming and state.lease_until is not None and state.lease_until > now:
+        if resuming and _leased(state, now):
             return logged(Outcome(IN_PROGRESS, name, "a renewal of this certificate is already in progress"))
         if not resuming:
             rotation_id = uuid.uuid4().hex
@@ -691,6 +777,10 @@ class CertificateRenewal:
             return self._locks.setdefault((vault_url, name.lower()), threading.Lock())
 
 
+def _leased(state: SecretState, now: dt.datetime) -> bool:
+    return state.lease_until is not None and state.lease_until > now
+
+
 def _with_unknown_issuer(policy: CertificatePolicy) -> CertificatePolicy:
     """The certificate's own policy, issued by `Unknown` (this service, through merge)."""
     return CertificatePolicy(
@@ -723,3 +813,48 @@ def certificate_summary(cert: KeyVaultCertificate) -> dict[str, Any]:
         "expires_on": props.expires_on.isoformat() if props and props.expires_on else None,
         "managed": is_acme_managed(props.tags if props else None),
     }
+
+
+_renewal: CertificateRenewal | None = None
+_renewal_lock = threading.Lock()
+
+
+def build_renewal(rt: Runtime, settings: Any) -> CertificateRenewal:
+    """Real clients: Key Vault certificates with the secrets' options, Azure DNS on the ARM endpoint
+    (ROTATION_DNS_ARM_ENDPOINT overrides it, for a local stand-in)."""
+    from shared.service import vault_client_options  # noqa: PLC0415 - service builds the engine first
+
+    arm = (os.environ.get("ROTATION_DNS_ARM_ENDPOINT") or settings.arm_endpoint).rstrip("/")
+    dns_options: dict[str, Any] = {"retry_total": 0}
+    if settings.upstream_ca_bundle:
+        dns_options["connection_verify"] = settings.upstream_ca_bundle
+
+    def certificate_client(vault_url: str) -> CertificateClient:
+        options = {k: v for k, v in vault_client_options(settings, vault_url).items() if k != "api_version"}
+        return CertificateClient(vault_url, rt.credential, **options)
+
+    def dns_client(subscription: str) -> DnsManagementClient:
+        return DnsManagementClient(rt.credential, subscription, base_url=arm, **dns_options)
+
+    return CertificateRenewal(rt, lru_cache(maxsize=32)(certificate_client), dns_client)
+
+
+def renewal() -> CertificateRenewal:
+    """The process-wide certificate renewal, sharing the secret engine's ledger, clock and notifier."""
+    global _renewal  # noqa: PLW0603 - one per worker process, created lazily
+    from shared import service  # noqa: PLC0415
+
+    with _renewal_lock:
+        if _renewal is None:
+            engine = service.engine()
+            _renewal = build_renewal(
+                engine._rt, engine.settings
+            )  # one runtime (ledger, clock, notifier) for both
+        return _renewal
+
+
+def use_renewal(replacement: CertificateRenewal | None) -> None:
+    """Install a renewal service (tests), or clear it so the next call builds one."""
+    global _renewal  # noqa: PLW0603
+    with _renewal_lock:
+        _renewal = replacement

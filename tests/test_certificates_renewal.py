@@ -4,6 +4,7 @@ stand-in that the service wrote to through azure-mgmt-dns."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,18 +34,21 @@ from devstack.dns_server import DnsServer
 from devstack.pebble import Pebble, find_pebble
 from devstack.stack import LocalStack
 from rotators import RotatorRegistry
+from shared import cli
 from shared.certificates import (
     ACME_ROTATOR,
     RENEWAL_POINTS,
     TAG_ACME_DIRECTORY,
     TAG_DNS_ZONE,
     CertificateRenewal,
+    use_renewal,
 )
 from shared.config import TAG_ROTATOR
 from shared.ledger import Ledger
 from shared.runtime import Runtime
 from shared.settings import Settings
 from tests.crashes import SimulatedCrash, TestClock
+from tests.hosting import call_http, deliver_event
 
 ZONE = "certs.test"
 SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
@@ -347,3 +351,57 @@ def test_unbound_or_retargeted_certificates_are_refused(world: World) -> None:
     assert outcome.status == "refused" and "bind it again" in outcome.message
     assert versions(world, name) == [first] and no_pending(world, name)
     assert {n["status"] for n in world.notes} == {"refused"}
+
+
+@pytest.fixture
+def installed(world: World, app_settings: dict[str, str]) -> Iterator[World]:
+    """The function app's triggers, HTTP routes and CLI use this world's renewal service."""
+    use_renewal(world.renewal)
+    yield world
+    use_renewal(None)
+
+
+def test_the_function_app_renews_on_an_event_on_a_route_and_from_the_cli(
+    installed: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world = installed
+    name, first = provision(world)
+    bound = call_http("bind_certificate", "POST", f"certificates/{name}/bind", route_params={"name": name})
+    assert bound.status_code == 200, bound.get_body()
+    deliver_event([world.acme.stack.vault.certificates.event_for(name)])
+    second = current(world, name)
+    assert versions(world, name) == [first, second]
+
+    renewed = call_http(
+        "renew_certificate", "POST", f"certificates/{name}/renew", route_params={"name": name}
+    )
+    assert renewed.status_code == 200 and json.loads(renewed.get_body())["status"] == "rotated"
+    third = current(world, name)
+    assert cli.run(["renew-certificate", name]) == 0
+    assert "rotated" in capsys.readouterr().out
+    assert len(versions(world, name)) == 4 and versions(world, name)[:3] == [first, second, third]
+
+    status = call_http(
+        "certificate_renewal_status", "GET", f"certificates/{name}/renewal", route_params={"name": name}
+    )
+    body = json.loads(status.get_body())
+    assert status.status_code == 200 and body["current_version"] == current(world, name)
+    assert [h["outcome"] for h in body["history"]] == ["rotated"] * 3
+    listed = json.loads(call_http("list_certificates", "GET", "certificates").get_body())["value"]
+    assert {"certificate": name, "state": "idle", "last_outcome": "rotated"}.items() <= next(
+        item for item in listed if item["certificate"] == name
+    ).items()
+    unknown = call_http(
+        "renew_certificate", "POST", "certificates/nope/renew", route_params={"name": "no_pe"}
+    )
+    assert unknown.status_code == 400
+
+
+def test_the_sweep_renews_a_certificate_whose_event_never_came(world: World) -> None:
+    name, first = provision(world)
+    world.renewal.bind(world.vault_url, name, "operator@test")
+    assert name not in [o.secret for o in world.renewal.sweep()]  # not due yet
+    world.clock.advance(timedelta(days=70))  # 3 months of validity: within the 28-day lead
+    outcomes = {o.secret: o.status for o in world.renewal.sweep()}
+    assert outcomes[name] == "rotated", outcomes
+    assert len(versions(world, name)) == 2 and versions(world, name)[0] == first
