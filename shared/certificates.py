@@ -56,10 +56,11 @@ from azure.keyvault.certificates import (
     CertificateClient,
     CertificateOperation,
     CertificatePolicy,
+    CertificateProperties,
     KeyVaultCertificate,
     WellKnownIssuerNames,
 )
-from azure.keyvault.secrets import SecretClient
+from azure.keyvault.secrets import SecretClient, SecretProperties
 from azure.mgmt.dns import DnsManagementClient
 from azure.mgmt.dns.models import RecordSet, TxtRecord
 from cryptography import x509
@@ -68,6 +69,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from josepy.jwk import JWKRSA
 from requests import PreparedRequest, Response
 
+from shared.binding import refusal_key, report_once
 from shared.config import TAG_ROTATOR
 from shared.errors import ConfigError, Refused, TargetNotAllowed
 from shared.events import VaultEvent
@@ -349,7 +351,7 @@ class CertificateRenewal:
         states = {
             (s.vault_url, s.name): s
             for s in self.rt.ledger.states()
-            if s.state in (RENEWING, FAILED) and self.rt.settings.vault_allowed(s.vault_url)
+            if self.rt.settings.vault_allowed(s.vault_url)
         }
         work = {key for key, s in states.items() if s.state == RENEWING and not _leased(s, now)}
         for vault_url in sorted(self.rt.settings.allowed_vaults):
@@ -358,12 +360,15 @@ class CertificateRenewal:
             except HttpResponseError as error:  # no certificates/list on this vault, throttled...
                 logger.warning("certificates of %s not listed: %s", vault_url, describe_error(error))
                 continue
-            for name in due:
-                failed = states.get((vault_url, name.lower()))
-                last = failed.last_attempt_on if failed is not None and failed.state == FAILED else None
+            for props in due:
+                name = (props.name or "").lower()
+                known = states.get((vault_url, name))
+                if known is not None and known.refused and self._still_refused(vault_url, name, known):
+                    continue  # reported: an operator acts
+                last = known.last_attempt_on if known is not None and known.state == FAILED else None
                 if last is not None and last + self.rt.settings.retry_after_failure > now:
                     continue
-                work.add((vault_url, name.lower()))
+                work.add((vault_url, name))
         for vault_url, name in sorted(work):
             try:
                 outcomes.append(self.renew(vault_url, name, trigger="sweep", requested_by="timer"))
@@ -371,6 +376,12 @@ class CertificateRenewal:
                 logger.error("certificate %s: sweep failed: %s", name, describe_error(error))
                 outcomes.append(Outcome(ROTATION_FAILED, name, describe_error(error), retryable=True))
         return outcomes
+
+    def _still_refused(self, vault_url: str, name: str, state: SecretState) -> bool:
+        """The refusal recorded is about the current version and tags (a listing names no version)."""
+        current = self.certificate_client(vault_url).get_certificate(name).properties
+        version, tags = (current.version or "", current.tags) if current else ("", None)
+        return state.refused.startswith(refusal_key(version, tags))
 
     def status(self, vault_url: str, name: str, history: int = 10) -> dict[str, Any]:
         """The certificate's current version and expiry, its renewal row and recent history."""
@@ -412,17 +423,17 @@ class CertificateRenewal:
             )
         return items
 
-    def due(self, vault_url: str, horizon: dt.timedelta) -> list[str]:
+    def due(self, vault_url: str, horizon: dt.timedelta) -> list[CertificateProperties]:
         """Opted-in certificates of a vault whose current version expires within `horizon`
         (for the sweep: the event may never have come)."""
         client = self.certificate_client(vault_url)
         limit = self.rt.clock() + horizon
-        names = []
+        due = []
         for props in client.list_properties_of_certificates():
             expiring = props.expires_on is not None and props.expires_on <= limit
             if props.name and props.enabled and is_acme_managed(props.tags) and expiring:
-                names.append(props.name)
-        return names
+                due.append(props)
+        return due
 
     # ----- the renewal -------------------------------------------------------------------------
 
@@ -456,7 +467,9 @@ class CertificateRenewal:
                 )
         except (ConfigError, Refused) as error:
             status = REFUSED if isinstance(error, Refused | TargetNotAllowed) else MISCONFIGURED
-            return self._report(state, Outcome(status, name, f"{error}; version {version} is still current"))
+            # Reported once per version and tags, as for secrets; the sweep skips it until they change.
+            message = f"{error}; version {version} is still current"
+            return report_once(self.rt, state, cast(SecretProperties, props), status, message)
         now = self.rt.clock()
         if resuming and _leased(state, now):
             return logged(Outcome(IN_PROGRESS, name, "a renewal of this certificate is already in progress"))
@@ -756,16 +769,6 @@ class CertificateRenewal:
         self.rt.save_quietly(state)
         message = f"{reason}; the renewal resumes on the next attempt"
         return logged(Outcome(ROTATION_FAILED, state.name, message, state.rotation_id, retryable=True))
-
-    def _report(self, state: SecretState, outcome: Outcome) -> Outcome:
-        state.last_outcome, state.last_error, state.last_attempt_on = (
-            outcome.status,
-            outcome.message[:500],
-            self.rt.clock(),
-        )
-        if state.state != RENEWING:
-            self.rt.save_quietly(state)
-        return self.rt.tell(logged(outcome), state)
 
     def _save(self, state: SecretState, progress: _Progress | None) -> None:
         if progress is not None:
