@@ -355,7 +355,8 @@ def test_unbound_or_retargeted_certificates_are_refused(world: World) -> None:
     assert world.renew(name, expected_version=first).status == "refused"
     world.clock.advance(timedelta(days=70))
     assert name not in [o.secret for o in world.renewal.sweep()]
-    assert len(world.notes) == 2 and versions(world, name) == [first]
+    # (The sweep also meets the other tests' certificates in this vault: only this one counts.)
+    assert len([n for n in world.notes if n["secret"] == name]) == 2 and versions(world, name) == [first]
 
 
 @pytest.fixture
