@@ -98,7 +98,11 @@ def rotation_sweeper(timer: func.TimerRequest) -> None:
     logger.info("sweep done: %d action(s)%s", len(outcomes), " (past due)" if timer.past_due else "")
     from shared.certificates import renewal
 
-    renewed = renewal().sweep()
+    try:
+        renewed = renewal().sweep()
+    except Exception:  # the certificates' sweep must not fail the secrets' timer run
+        logger.exception("certificate sweep failed")
+        return
     logger.info("certificate sweep done: %d action(s)", len(renewed))
 
 

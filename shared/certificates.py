@@ -90,7 +90,7 @@ from shared.outcomes import (
     logged,
 )
 from shared.reach import PinnedAdapter
-from shared.retry import call_with_retry
+from shared.retry import call_with_retry, is_transient
 from shared.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -292,6 +292,9 @@ class CertificateRenewal:
                 return self._renew(vault_url, name, trigger, requested_by, expected_version)
             except ResourceNotFoundError:
                 return logged(Outcome(NOT_FOUND, name, "no such certificate in the vault"))
+            except HttpResponseError as error:  # Key Vault or the ledger refused before the claim
+                message = f"could not start the renewal: {describe_error(error)}"
+                return logged(Outcome(ROTATION_FAILED, name, message, retryable=is_transient(error)))
 
     def bind(self, vault_url: str, name: str, requested_by: str) -> Outcome:
         """An operator pins the certificate's CA, zone and names (audited in history)."""
@@ -819,6 +822,8 @@ def certificate_summary(cert: KeyVaultCertificate) -> dict[str, Any]:
 
 
 _renewal: CertificateRenewal | None = None
+_installed: CertificateRenewal | None = None
+_built_for: object = None
 _renewal_lock = threading.Lock()
 
 
@@ -843,21 +848,23 @@ def build_renewal(rt: Runtime, settings: Any) -> CertificateRenewal:
 
 
 def renewal() -> CertificateRenewal:
-    """The process-wide certificate renewal, sharing the secret engine's ledger, clock and notifier."""
-    global _renewal  # noqa: PLW0603 - one per worker process, created lazily
+    """The process-wide certificate renewal, on the secret engine's runtime (ledger, clock,
+    notifier): rebuilt whenever the engine is."""
+    global _renewal, _built_for  # noqa: PLW0603 - one per worker process, created lazily
     from shared import service  # noqa: PLC0415
 
     with _renewal_lock:
-        if _renewal is None:
-            engine = service.engine()
-            _renewal = build_renewal(
-                engine._rt, engine.settings
-            )  # one runtime (ledger, clock, notifier) for both
+        if _installed is not None:
+            return _installed
+        engine = service.engine()
+        if _renewal is None or _built_for is not engine:
+            _renewal = build_renewal(engine._rt, engine.settings)  # one runtime for both
+            _built_for = engine
         return _renewal
 
 
 def use_renewal(replacement: CertificateRenewal | None) -> None:
-    """Install a renewal service (tests), or clear it so the next call builds one."""
-    global _renewal  # noqa: PLW0603
+    """Install a renewal service (tests), or remove it so the next call follows the engine."""
+    global _installed  # noqa: PLW0603
     with _renewal_lock:
-        _renewal = replacement
+        _installed = replacement

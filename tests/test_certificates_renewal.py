@@ -98,6 +98,7 @@ class World:
     clock: TestClock
     notes: list[dict[str, Any]]
     crash_at: set[str]
+    provisioned: list[str] = field(default_factory=list)
 
     @property
     def vault_url(self) -> str:
@@ -155,9 +156,14 @@ def world(acme: Acme) -> Iterator[World]:
         ),
     )
     acme.dns.falsify = False
-    yield World(acme, renewal, certs, clock, notes, crash_at)
+    made = World(acme, renewal, certs, clock, notes, crash_at)
+    yield made
     acme.dns.falsify = False
     acme.arm_dns.clear_faults()
+    # The vault outlives this module: untagged, these certificates are nobody's business later
+    # (other tests' sweeps and published events would otherwise find them opted in).
+    for name in made.provisioned:
+        certs.update_certificate_properties(name, tags={})
 
 
 def acme_tags(acme: Acme, **changes: str) -> dict[str, str]:
@@ -185,6 +191,7 @@ def provision(
         validity_in_months=3,
     )
     first = world.certs.begin_create_certificate(name, policy, tags=tags or acme_tags(world.acme)).result()
+    world.provisioned.append(name)
     assert isinstance(first, KeyVaultCertificate) and first.properties and first.properties.version
     return name, first.properties.version
 

@@ -460,7 +460,11 @@ class CertificateStore:
         if name:
             self._emulator._check_name(name, "Certificate")
         routes: dict[tuple[str, ...], dict[str, Callable[[], tuple[int, Any]]]] = {
-            (): {"GET": lambda: self._list(query)} if not name else {"GET": lambda: self._get(name, "")},
+            (): (
+                {"GET": lambda: self._list(query)}
+                if not name
+                else {"GET": lambda: self._get(name, ""), "PATCH": lambda: self._update(name, "", body)}
+            ),
             ("create",): {"POST": lambda: self._create(name, body)},
             ("versions",): {"GET": lambda: self._list_versions(name, query)},
             ("policy",): {
