@@ -61,16 +61,25 @@ def keyvault_events_queue(message: func.QueueMessage) -> None:
 
 
 def _rotate_for(events: list[VaultEvent]) -> None:
-    """The one handler behind both event triggers: key events to the key service, secrets to the engine."""
+    """The one handler behind both event triggers: key events to the key service, certificate events to
+    certificate renewal, secrets to the engine."""
     from shared import service
 
     failures: list[str] = []
+    certificate_events = [event for event in events if event.is_certificate]
+    if certificate_events:
+        from shared.certificates import renewal
+
+        certificate_outcomes = map(renewal().handle_event, certificate_events)
+        failures += [
+            f"certificate {o.secret}: {o.status}: {o.message}" for o in certificate_outcomes if o.retryable
+        ]
     key_events = [event for event in events if event.is_key]
     if key_events:
         keys = service.keys()
         key_outcomes = map(keys.handle_event, key_events)
         failures += [f"key {o.key}: {o.status}: {o.message}" for o in key_outcomes if o.retryable]
-    secret_events = [event for event in events if not event.is_key]
+    secret_events = [event for event in events if not event.is_key and not event.is_certificate]
     if secret_events:
         engine = service.engine()
         secret_outcomes = map(engine.handle_event, secret_events)
@@ -87,6 +96,14 @@ def rotation_sweeper(timer: func.TimerRequest) -> None:
 
     outcomes = service.engine().sweep()
     logger.info("sweep done: %d action(s)%s", len(outcomes), " (past due)" if timer.past_due else "")
+    from shared.certificates import renewal
+
+    try:
+        renewed = renewal().sweep()
+    except Exception:  # the certificates' sweep must not fail the secrets' timer run
+        logger.exception("certificate sweep failed")
+        return
+    logger.info("certificate sweep done: %d action(s)", len(renewed))
 
 
 def _respond(result: "api.ApiResult") -> func.HttpResponse:
@@ -180,3 +197,49 @@ def vault_posture(req: func.HttpRequest) -> func.HttpResponse:
     from shared import api, service
 
     return _respond(api.vault_posture(service.engine(), req.params))
+
+
+@app.function_name("renew_certificate")
+@app.route(route="certificates/{name}/renew", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def renew_certificate(req: func.HttpRequest) -> func.HttpResponse:
+    """Renew an opted-in Key Vault certificate from its ACME CA now."""
+    from shared import api
+    from shared.certificates import renewal
+
+    service = renewal()
+    caller = api.requested_by(req.headers, service.rt.settings)
+    name = req.route_params.get("name", "")
+    return _respond(api.renew_certificate(service, name, req.params, req.get_body(), caller))
+
+
+@app.function_name("bind_certificate")
+@app.route(route="certificates/{name}/bind", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def bind_certificate(req: func.HttpRequest) -> func.HttpResponse:
+    """Pin a certificate's ACME directory, DNS zone and names (an operator's act)."""
+    from shared import api
+    from shared.certificates import renewal
+
+    service = renewal()
+    caller = api.requested_by(req.headers, service.rt.settings)
+    name = req.route_params.get("name", "")
+    return _respond(api.bind_certificate(service, name, req.params, req.get_body(), caller))
+
+
+@app.function_name("certificate_renewal_status")
+@app.route(route="certificates/{name}/renewal", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def certificate_renewal_status(req: func.HttpRequest) -> func.HttpResponse:
+    """Current version, expiry, renewal state and history of one certificate."""
+    from shared import api
+    from shared.certificates import renewal
+
+    return _respond(api.certificate_status(renewal(), req.route_params.get("name", ""), req.params))
+
+
+@app.function_name("list_certificates")
+@app.route(route="certificates", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def list_certificates(req: func.HttpRequest) -> func.HttpResponse:
+    """Every opted-in certificate with expiry and renewal state."""
+    from shared import api
+    from shared.certificates import renewal
+
+    return _respond(api.list_certificates(renewal(), req.params))

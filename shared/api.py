@@ -29,6 +29,7 @@ from shared.ledger import FAILED, IDLE, OVERLAP, ROTATING, as_dict
 from shared.settings import Settings, normalize_vault_url
 
 if TYPE_CHECKING:
+    from shared.certificates import CertificateRenewal
     from shared.keys import KeyRotationService
 
 logger = logging.getLogger(__name__)
@@ -481,3 +482,49 @@ def vault_posture(engine: RotationEngine, params: Mapping[str, str]) -> ApiResul
     vaults = sorted(engine.settings.allowed_vaults)
     readings = [engine.vault_posture(url, refresh=refresh == "true") for url in vaults]
     return ApiResult(200, {"value": [_posture_body(engine, reading, history) for reading in readings]})
+
+
+# ----- certificates (shared/certificates.py) -----------------------------------------------------
+
+
+@_guard
+def renew_certificate(
+    renewal: "CertificateRenewal", name: str, params: Mapping[str, str], body: bytes, caller: str
+) -> ApiResult:
+    """POST /certificates/{name}/renew: renew an opted-in certificate from its ACME CA now."""
+    certificate = _name(name)
+    vault = _served_vault(renewal.rt.settings, params)
+    if _json_body(body):
+        raise BadRequest(400, "invalid_body", "renew takes no body")
+    return _from_outcome(renewal.renew(vault, certificate, trigger="manual", requested_by=caller))
+
+
+@_guard
+def bind_certificate(
+    renewal: "CertificateRenewal", name: str, params: Mapping[str, str], body: bytes, caller: str
+) -> ApiResult:
+    """POST /certificates/{name}/bind: pin the certificate's ACME directory, DNS zone and names."""
+    certificate = _name(name)
+    vault = _served_vault(renewal.rt.settings, params)
+    if _json_body(body):
+        raise BadRequest(400, "invalid_body", "bind takes no body: it binds the tags the certificate has now")
+    return _from_outcome(renewal.bind(vault, certificate, requested_by=caller))
+
+
+@_guard
+def certificate_status(renewal: "CertificateRenewal", name: str, params: Mapping[str, str]) -> ApiResult:
+    """GET /certificates/{name}/renewal"""
+    certificate = _name(name)
+    vault = _served_vault(renewal.rt.settings, params)
+    limit = _query_int(params, "history", 10, 0, MAX_HISTORY)
+    try:
+        return ApiResult(200, renewal.status(vault, certificate, limit))
+    except ResourceNotFoundError:
+        return error(404, "not_found", "no such certificate in the vault")
+
+
+@_guard
+def list_certificates(renewal: "CertificateRenewal", params: Mapping[str, str]) -> ApiResult:
+    """GET /certificates: opted-in certificates with expiry and renewal state."""
+    vault = _served_vault(renewal.rt.settings, params)
+    return ApiResult(200, {"value": renewal.listing(vault)})

@@ -12,6 +12,8 @@ laptop that is `az login`.
     python -m shared.cli adopt orders-db --rotator postgres --target db:5432/app ...
     python -m shared.cli posture --refresh
     python -m shared.cli key-policy orders-cmk --rotate-before-expiry P30D --expires-after P1Y
+    python -m shared.cli bind-certificate web-tls
+    python -m shared.cli renew-certificate web-tls
 """
 
 import argparse
@@ -95,6 +97,15 @@ def _parser() -> argparse.ArgumentParser:
     key_policy.add_argument("name")
     for option, text in _KEY_POLICY_OPTIONS:
         key_policy.add_argument(f"--{option}", help=text)
+
+    renew = commands.add_parser(
+        "renew-certificate", help="renew an opted-in certificate from its ACME CA now"
+    )
+    renew.add_argument("name")
+    bind_certificate = commands.add_parser(
+        "bind-certificate", help="pin a certificate's ACME directory, DNS zone and names"
+    )
+    bind_certificate.add_argument("name")
     return parser
 
 
@@ -185,6 +196,11 @@ def run(argv: Sequence[str] | None = None) -> int:
             service.keys(), args.name, params, json.dumps(body).encode(), caller
         )
         return _print(args, result)
+    if args.command in ("renew-certificate", "bind-certificate"):
+        from shared.certificates import renewal  # noqa: PLC0415 - the ACME client loads only here
+
+        handler = api.renew_certificate if args.command == "renew-certificate" else api.bind_certificate
+        return _print(args, handler(renewal(), args.name, params, b"", caller))
     engine = service.engine()
     if args.command == "rotate":
         options = {"reason": args.reason, "emergency": args.emergency, "dry_run": args.dry_run}

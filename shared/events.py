@@ -1,8 +1,9 @@
 """Key Vault events, in the Event Grid schema or the CloudEvents schema.
 
 Secret events (SecretNearExpiry, SecretExpired) go to the rotation engine, key events
-(KeyNearExpiry, KeyExpired) to the key rotation service; the event type decides which
-object type and which Id path (`/secrets/...` or `/keys/...`) the data must carry.
+(KeyNearExpiry, KeyExpired) to the key rotation service, certificate events
+(CertificateNearExpiry, CertificateExpired) to certificate renewal; the event type decides which
+object type and which Id path (`/secrets/...`, `/keys/...`, `/certificates/...`) the data must carry.
 
 Microsoft's documented payloads disagree on the casing of the data fields
 (`ObjectName`, `objectName`) and carry stray spaces, so data keys are read
@@ -27,9 +28,13 @@ KEY_NEAR_EXPIRY = "Microsoft.KeyVault.KeyNearExpiry"
 KEY_EXPIRED = "Microsoft.KeyVault.KeyExpired"
 SECRET_EVENT_TYPES = frozenset({SECRET_NEAR_EXPIRY, SECRET_EXPIRED})
 KEY_EVENT_TYPES = frozenset({KEY_NEAR_EXPIRY, KEY_EXPIRED})
-ROTATION_EVENT_TYPES = SECRET_EVENT_TYPES | KEY_EVENT_TYPES
+CERTIFICATE_NEAR_EXPIRY = "Microsoft.KeyVault.CertificateNearExpiry"
+CERTIFICATE_EXPIRED = "Microsoft.KeyVault.CertificateExpired"
+CERTIFICATE_EVENT_TYPES = frozenset({CERTIFICATE_NEAR_EXPIRY, CERTIFICATE_EXPIRED})
+ROTATION_EVENT_TYPES = SECRET_EVENT_TYPES | KEY_EVENT_TYPES | CERTIFICATE_EVENT_TYPES
 SECRET = "Secret"
 KEY = "Key"
+CERTIFICATE = "Certificate"
 
 MAX_EVENT_BYTES = 64 * 1024
 MAX_EVENT_DEPTH = 16  # an array of events, each with a data object: 3 levels are needed
@@ -51,6 +56,10 @@ class VaultEvent:
     @property
     def is_key(self) -> bool:
         return self.object_type == KEY
+
+    @property
+    def is_certificate(self) -> bool:
+        return self.object_type == CERTIFICATE
 
 
 def _lower_keys(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -82,7 +91,7 @@ def parse_event(event_type: str | None, event_id: str | None, data: Any) -> Vaul
         raise InvalidEvent(f"unsupported event type {kind[:80]!r}")
     if not isinstance(data, Mapping):
         raise InvalidEvent("event data is not a JSON object")
-    expected = KEY if kind in KEY_EVENT_TYPES else SECRET
+    expected = KEY if kind in KEY_EVENT_TYPES else CERTIFICATE if kind in CERTIFICATE_EVENT_TYPES else SECRET
     noun = expected.lower()
     fields = _lower_keys(data)
     object_id = _text(fields, "id")

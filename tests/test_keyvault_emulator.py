@@ -238,7 +238,7 @@ def test_bad_input_is_400_bad_parameter(emulator: KeyVaultEmulator, raw_client: 
     assert body["error"]["code"] == "BadParameter"
 
     status, _, body = https_request(
-        emulator, "GET", "/certificates?api-version=7.6", headers={"Authorization": f"Bearer {token}"}
+        emulator, "GET", "/storage?api-version=7.6", headers={"Authorization": f"Bearer {token}"}
     )
     assert status == 404
     assert "code" in body["error"]

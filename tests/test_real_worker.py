@@ -167,7 +167,7 @@ def test_the_worker_indexes_every_function(worker_run: Run) -> None:
     assert result["use_default_metadata_indexing"] is False
     declared = {str(f.get_function_name()) for f in index(function_app.app)}
     assert {m["name"] for m in result["metadata"]} == declared
-    assert len(result["metadata"]) == len(declared) == 11
+    assert len(result["metadata"]) == len(declared) == 15
 
 
 def test_the_workers_metadata_is_what_get_function_json_says(worker_run: Run) -> None:

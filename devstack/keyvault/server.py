@@ -47,6 +47,7 @@ from devstack.tls_server import QuietHandler, TlsHTTPServer
 from .certs import CertPaths, ensure_certs
 
 if TYPE_CHECKING:
+    from .certificates import CertificateStore
     from .keys import KeyStore
 
 log = logging.getLogger("devstack.keyvault")
@@ -646,6 +647,9 @@ class KeyVaultEmulator:
         from .keys import KeyStore  # noqa: PLC0415 - keys.py builds on this module
 
         self._keys: KeyStore = KeyStore(self.clock, lambda: self.vault_url, self._page)
+        from .certificates import CertificateStore  # noqa: PLC0415 - certificates.py builds on this module
+
+        self.certificates: CertificateStore = CertificateStore(self)
 
         self._certs: CertPaths | None = None
         self._vault_server: _TlsHTTPServer | None = None
@@ -986,6 +990,7 @@ class KeyVaultEmulator:
                             object_type="Key",
                         )
                     )
+            due.extend(self.certificates.due_events(now, self._emitted))
         for event in due:
             for subscription in subscriptions:
                 delivery = _deliver(subscription, _convert_event(event, subscription.schema))
@@ -1261,6 +1266,8 @@ class KeyVaultEmulator:
         path: str,
     ) -> tuple[int, Any]:
         name = segments[1] if len(segments) > 1 else ""
+        if segments and segments[0].lower() == "certificates":
+            return self.certificates.handle(method, segments=segments, query=query, body=body, path=path)
         if template.startswith(("/keys", "/deletedkeys")):
             if name:
                 self._check_name(name, "Key")
