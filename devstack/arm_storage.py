@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("devstack.arm_storage")
 
 Plane = Literal["arm", "blob"]
+# Another resource provider served on the same ARM endpoint: (method, path, query, body) ->
+# (status, JSON body), or None when the path is not its own. Called authenticated, api-version checked.
+ArmRoute = Callable[[str, str, str, bytes], "tuple[int, Any] | None"]
 SUBSCRIPTION_ID = "00000000-0000-0000-0000-000000000000"
 RESOURCE_GROUP = "devstack"
 ARM_AUDIENCES = ("https://management.azure.com", "https://management.core.windows.net")
@@ -229,6 +232,7 @@ class ArmStorageStandIn:
         self._faults: list[_Fault] = []
         # Key Vault posture (vault properties, diagnostic settings, role assignments) on this ARM.
         self.vaults = ArmVaults()
+        self._routes: list[ArmRoute] = []
         self._certs: CertPaths | None = None
         self._servers: dict[Plane, _Server] = {}
         self._threads: list[threading.Thread] = []
@@ -417,6 +421,28 @@ class ArmStorageStandIn:
             )
         return None
 
+    def mount(self, route: ArmRoute) -> None:
+        """Serve another resource provider's ARM paths on this endpoint."""
+        self._routes.append(route)
+
+    def _mounted(self, method: str, path: str, query: str, headers: dict[str, str], raw: bytes) -> _Response:
+        refused = self._authenticate(_header(headers, "Authorization"))
+        if refused is not None:
+            self.request_counts["arm:unauthenticated"] += 1
+            return refused
+        if not dict(parse_qsl(query)).get("api-version"):
+            return _arm_error(
+                400,
+                "MissingApiVersionParameter",
+                "The api-version query parameter (?api-version=) is required for all requests.",
+            )
+        for route in self._routes:
+            answer = route(method, path, query, raw)
+            if answer is not None:
+                return _json(*answer)
+        self.request_counts["arm:unknown"] += 1
+        return _arm_error(404, "NotFound", f"No route for {method} {path[:200]}.")
+
     def _arm(self, method: str, path: str, query: str, headers: dict[str, str], raw: bytes) -> _Response:
         match = _ARM_PATH.match(path)
         if match is None and self.vaults.serves(path):
@@ -427,6 +453,8 @@ class ArmStorageStandIn:
                 )
             self.request_counts["vaults"] += 1
             return _json(*self.vaults.request(method, path, dict(parse_qsl(query))))
+        if match is None and self._routes:
+            return self._mounted(method, path, query, headers, raw)
         if match is None:
             self.request_counts["arm:unknown"] += 1
             return _arm_error(404, "NotFound", f"No route for {method} {path[:200]}.")

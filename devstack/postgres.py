@@ -49,13 +49,12 @@ hostssl all all ::1/128 scram-sha-256
 """
 
 
-def session_user(credential: Mapping[str, Any], sslrootcert: str | Path, connect_timeout: int = 5) -> str:
-    """Log in with a credential as the PostgreSQL rotator stores it, over TLS verified with the CA
-    in `sslrootcert`; return the session user.
-
-    Raises psycopg.OperationalError when the login is refused or the server is down.
-    """
-    with psycopg.connect(
+def connect_as(
+    credential: Mapping[str, Any], sslrootcert: str | Path, connect_timeout: int = 5
+) -> psycopg.Connection[Any]:
+    """A session logged in with a credential as the PostgreSQL rotator stores it, over TLS
+    verified with the CA in `sslrootcert`. Raises psycopg.OperationalError when refused."""
+    return psycopg.connect(
         host=str(credential["host"]),
         port=int(str(credential["port"])),
         dbname=str(credential["dbname"]),
@@ -65,7 +64,12 @@ def session_user(credential: Mapping[str, Any], sslrootcert: str | Path, connect
         sslmode="verify-full",
         sslrootcert=str(sslrootcert),
         require_auth="scram-sha-256",
-    ) as conn:
+    )
+
+
+def session_user(credential: Mapping[str, Any], sslrootcert: str | Path, connect_timeout: int = 5) -> str:
+    """Log in with a credential (see connect_as) and return the session user."""
+    with connect_as(credential, sslrootcert, connect_timeout) as conn:
         row = conn.execute("SELECT session_user").fetchone()
     return str(row[0]) if row else ""
 

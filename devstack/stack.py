@@ -25,6 +25,7 @@ import psycopg
 from azure.keyvault.secrets import KeyVaultSecret, SecretClient
 from psycopg import sql
 
+from devstack.arm_consumers import ConsumerApps
 from devstack.arm_storage import ArmStorageStandIn
 from devstack.azurite import Azurite
 from devstack.graph import GraphStandIn
@@ -51,6 +52,8 @@ class LocalStack:
         self.vendor = VendorApi(self.base_dir / "keyvault")
         # Microsoft Graph and the Entra token endpoint; callers authenticate with the emulator's identity.
         self.graph = GraphStandIn(self.base_dir / "keyvault", self.vault)
+        # Web Apps and Container Apps that read the vault's secrets, on the same ARM endpoint.
+        self.apps = ConsumerApps(self.storage, self.vault)
         self._binders: dict[str, Any] = {}
         self._binder_lock = threading.Lock()
 
@@ -108,6 +111,9 @@ class LocalStack:
             "KEYVAULT_CA_BUNDLE": str(self.vault.ca_path),
             "ROTATION_UPSTREAM_CA_BUNDLE": str(self.vault.ca_path),
             "ROTATION_ARM_ENDPOINT": self.storage.arm_endpoint,
+            "ROTATION_ALLOWED_CONSUMERS": f"/subscriptions/{self.apps.subscription}/resourceGroups/devstack",
+            "ROTATION_CONSUMER_SUBSCRIPTION": self.apps.subscription,
+            "ROTATION_CONSUMER_POLL": "PT0.2S",
             "ROTATION_STORAGE_BLOB_ENDPOINT": self.storage.blob_endpoint_template,
             "ROTATION_GRAPH_ENDPOINT": self.graph.base_url,
             "ROTATION_AUTHORITY_HOST": self.graph.base_url,

@@ -182,6 +182,19 @@ class PostgresRotator:
                 if slot == config.current_slot or self._role(conn, slot) is not None:
                     self._check_slot(conn, group, slot)
 
+    def in_use(self, context: RotationContext, slot: str) -> str:
+        """Sessions of the slot's role still open (pg_stat_activity): someone holds the old password."""
+        self.validate(context)
+        with self._admin(context) as conn:
+            row = conn.execute(
+                "SELECT count(*), min(backend_start) FROM pg_stat_activity WHERE usename = %s", (slot,)
+            ).fetchone()
+        count = int(row[0]) if row else 0
+        if not count:
+            return ""
+        since = row[1].isoformat(timespec="seconds") if row and row[1] else "?"
+        return f"{count} session(s) of role {slot} still open (the oldest since {since})"
+
     def retire(self, context: RotationContext, slot: str) -> None:
         self.validate(context)
         with self._admin(context) as conn:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from urllib.parse import SplitResult, urlsplit
 
+from shared.consumers import TAG_CONSUMERS, ConsumerRef, check_overlap, parse_consumers
 from shared.durations import parse_duration
 from shared.errors import ConfigError, InvalidInput, NotManaged, TargetNotAllowed
 from shared.jsonsafe import parse_int
@@ -100,6 +101,7 @@ class RotationConfig:
     admin_secret: str | None = None
     windows: tuple[Window, ...] = ()
     tags: Mapping[str, str] = field(default_factory=dict)
+    consumers: tuple[ConsumerRef, ...] = ()
 
     @property
     def inactive_slot(self) -> str:
@@ -270,6 +272,9 @@ def parse_config(
     for probe in probes:
         _check_probe(probe, settings, vault_url)
 
+    consumers = parse_consumers(_tag(tags, TAG_CONSUMERS), settings)
+    check_overlap(consumers, overlap, forced=settings.consumer_refresh)
+
     admin_secret = _tag(tags, TAG_ADMIN_SECRET)
     if admin_secret is not None and not SECRET_NAME.match(admin_secret):
         raise ConfigError(f"tag {TAG_ADMIN_SECRET} is not a valid secret name")
@@ -288,6 +293,7 @@ def parse_config(
         admin_secret=admin_secret,
         windows=windows,
         tags=tags,
+        consumers=consumers,
     )
     written = len(config.tags_for_new_version(config.inactive_slot, "-"))
     if written > MAX_TAGS:

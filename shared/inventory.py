@@ -58,6 +58,10 @@ def status(rt: Runtime, vault_url: str, name: str, history_limit: int = 10) -> d
         "bound_on": iso(state.bound_on) if state else None,
         "binding": json.loads(state.binding) if state and state.binding else None,
         "posture": _posture_summary(rt, vault_url),
+        # Each declared consumer as last asked: the version it holds, since when, moved or waiting.
+        "consumers": json.loads(state.consumers) if state and state.consumers else [],
+        "retirement_held_since": iso(state.held_since) if state else None,
+        "retirement_held_by": state.held_reason if state and state.held_since else "",
         "history": [as_dict(record) for record in rt.ledger.history(vault_url, name, history_limit)],
     }
 
@@ -97,6 +101,7 @@ def managed_secrets(rt: Runtime, *, refresh: bool = False) -> tuple[list[dict[st
                     # A rotation since the listing wrote a version that expires later.
                     "expires_on": iso(state.expires_on if state and rotated_since else item.expires_on),
                     "retire_after": iso(state.retire_after) if state else None,
+                    "retirement_held_since": iso(state.held_since) if state else None,
                     "last_outcome": state.last_outcome if state else "",
                     "last_rotated_on": iso(state.last_rotated_on) if state else None,
                     "posture": vault_posture,

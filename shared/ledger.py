@@ -115,6 +115,10 @@ class SecretState:
     bound_on: datetime | None = None
     # `<version>:<fingerprint>` of the refusal last reported, so it is reported once per version.
     refused: str = ""
+    # Where each declared consumer stood when last asked (JSON), and a retirement waiting on them.
+    consumers: str = ""
+    held_since: datetime | None = None
+    held_reason: str = ""
     etag: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:

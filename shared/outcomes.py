@@ -21,6 +21,8 @@ DRY_RUN_PASSED = "dry_run_passed"
 ADOPTED = "adopted"
 ALREADY_MANAGED = "already_managed"
 BOUND = "bound"
+# The overlap is over but the old credential is still in use: its retirement waits (bounded).
+RETIRE_HELD = "retire_held"
 # The secret's tags or value ask for something its writer could not do themselves: nothing changed.
 REFUSED = "refused"
 

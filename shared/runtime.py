@@ -13,6 +13,7 @@ from azure.keyvault.secrets import KeyVaultSecret, SecretClient
 
 from rotators import RotationContext, RotatorRegistry
 from shared.config import TAG_ROTATION_ID, RotationConfig
+from shared.consumers import Consumers
 from shared.ledger import ConcurrentUpdate, HistoryRecord, Ledger, SecretState
 from shared.outcomes import Outcome, describe_error
 from shared.retry import call_with_retry
@@ -42,10 +43,17 @@ class Runtime:
     probe: Callable[[str, float], None]
     checkpoint: Callable[[str], None]
     notify: Callable[[dict[str, Any]], None] | None = None
+    # Replaces the consumers' mover (the chaos run's control switches the move step off).
+    consumers: Consumers | None = None
     admin_secrets: SecretCache = field(init=False)
 
     def __post_init__(self) -> None:
         self.admin_secrets = SecretCache(self.settings.admin_secret_cache)
+
+    def consumer_apps(self) -> Consumers:
+        if self.consumers is not None:
+            return self.consumers
+        return Consumers(self.settings, self.credential, self.clock)
 
     def context(self, config: RotationConfig, client: SecretClient, secret_name: str) -> RotationContext:
         annotate_rotator(config.rotator)  # names the rotator on the rotation span, if one is open

@@ -4,6 +4,7 @@ Everything comes from the Function App's settings (environment variables), so th
 same code runs on the Functions host and against the local stack.
 """
 
+import fnmatch
 import ipaddress
 import os
 import re
@@ -183,6 +184,18 @@ def parse_posture_policy(value: str) -> dict[str, str]:
     return policy
 
 
+def _consumer_patterns(value: str) -> tuple[str, ...]:
+    """Resource-id prefixes, `*` within a segment: `/subscriptions/S/resourceGroups/apps-*`."""
+    patterns = []
+    for item in _split_list(value):
+        if not item.lower().startswith("/subscriptions/") or "//" in item or not item.isascii():
+            raise ConfigError(
+                f"ROTATION_ALLOWED_CONSUMERS: {item[:80]!r} is not a resource id prefix (/subscriptions/...)"
+            )
+        patterns.append(item.rstrip("/").lower())
+    return tuple(patterns)
+
+
 @dataclass(frozen=True)
 class Settings:
     allowed_vaults: frozenset[str]
@@ -211,6 +224,15 @@ class Settings:
     keyvault_transactions_limit: int = 2000
     keyvault_limit_window: timedelta = timedelta(seconds=10)
     probe_timeout: timedelta = timedelta(minutes=2)
+    # Consumers (rotation-consumers): which resources may be named, the subscription of the short
+    # form, whether the engine makes them read the new version, and how long it waits for that.
+    allowed_consumers: tuple[str, ...] = ()
+    consumer_subscription: str = ""
+    consumer_refresh: bool = True
+    consumer_timeout: timedelta = timedelta(minutes=10)
+    consumer_poll: timedelta = timedelta(seconds=5)
+    # A retirement waits while the old credential is still in use, at most this long.
+    drain_max: timedelta = timedelta(hours=24)
     postgres_sslmode: str = "verify-full"
     # libpq's sslrootcert: a CA file, or `system` (the OS trust store; libpq 16 and later).
     postgres_ca_bundle: str = "system"
@@ -287,6 +309,12 @@ class Settings:
             ),
             keyvault_limit_window=duration("KEYVAULT_LIMIT_WINDOW", cls.keyvault_limit_window),
             probe_timeout=duration("ROTATION_PROBE_TIMEOUT", cls.probe_timeout),
+            allowed_consumers=_consumer_patterns(env.get("ROTATION_ALLOWED_CONSUMERS", "")),
+            consumer_subscription=env.get("ROTATION_CONSUMER_SUBSCRIPTION", "").strip(),
+            consumer_refresh=_bool(env.get("ROTATION_CONSUMER_REFRESH", "true")),
+            consumer_timeout=duration("ROTATION_CONSUMER_TIMEOUT", cls.consumer_timeout),
+            consumer_poll=duration("ROTATION_CONSUMER_POLL", cls.consumer_poll),
+            drain_max=duration("ROTATION_DRAIN_MAX", cls.drain_max),
             postgres_sslmode=env.get("ROTATION_POSTGRES_SSLMODE") or cls.postgres_sslmode,
             postgres_ca_bundle=env.get("ROTATION_POSTGRES_CA_BUNDLE") or cls.postgres_ca_bundle,
             keyvault_api_version=env.get("KEYVAULT_API_VERSION", cls.keyvault_api_version),
@@ -333,6 +361,17 @@ class Settings:
             if url in self.vault_targets:
                 return self.vault_targets[url]
         return self.allowed_targets
+
+    def consumer_allowed(self, resource_id: str) -> bool:
+        """True when the id starts with the segments of an ROTATION_ALLOWED_CONSUMERS entry."""
+        segments = resource_id.lower().strip("/").split("/")
+        for pattern in self.allowed_consumers:
+            wanted = pattern.strip("/").split("/")
+            if len(wanted) <= len(segments) and all(
+                fnmatch.fnmatchcase(have, want) for have, want in zip(segments, wanted, strict=False)
+            ):
+                return True
+        return False
 
     def target_allowed(self, host: str, port: int, vault_url: str | None = None) -> bool:
         """True when `host:port` matches an entry of the vault's allow-list (see check_target_pattern)."""

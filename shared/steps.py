@@ -24,8 +24,9 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.keyvault.secrets import KeyVaultSecret, SecretClient, SecretProperties
 
 from rotators import RotationContext, Rotator
-from shared import binding, telemetry
+from shared import binding, rollout, telemetry
 from shared.config import TAG_ROTATION_ID, RotationConfig, parse_config
+from shared.consumers import ConsumersNotMoved, Wanted
 from shared.errors import ConfigError, Refused, RotationError, UnsafeOperation
 from shared.ledger import FAILED, IDLE, OVERLAP, ROTATING, ConcurrentUpdate, SecretState, history_key
 from shared.outcomes import (
@@ -144,6 +145,7 @@ def run(
         rotator.validate(context)
         written = None if claimed_now else rt.version_written_by(client, state.name, state.rotation_id)
         if written is None:
+            rollout.preflight(rt, state, config)
             # Recorded before the upstream call, so an orphan can be found after a crash.
             state.pending_credential = state.to_slot
             with _step(rt, state, "create"):
@@ -167,7 +169,10 @@ def run(
         else:
             state.new_version = written.properties.version or ""
         with _step(rt, state, "validate"):
-            failure = _probe_consumers(rt, config)
+            # Now, not the version's `created` (whole seconds): a replica that started in the same
+            # second before the write must not count as holding it.
+            wanted = Wanted(state.new_version, rt.clock())
+            failure = rollout.move(rt, state, config, wanted) or _probe_consumers(rt, config)
         if failure:
             return rollback(rt, state, client, config, failure)
         with _step(rt, state, "finish"):
@@ -227,11 +232,12 @@ def rollback(
     try:
         state.step, state.last_error = "rollback", reason[:500]
         rt.ledger.save(state)
-        if rt.version_written_by(client, state.name, rollback_id) is None:
+        restored = rt.version_written_by(client, state.name, rollback_id)
+        if restored is None:
             previous = rt.get_secret(client, state.name, state.from_version)
             tags = dict(previous.properties.tags or {})
             tags[TAG_ROTATION_ID] = rollback_id
-            call_with_retry(
+            restored = call_with_retry(
                 lambda: client.set_secret(
                     state.name,
                     previous.value or "",
@@ -242,6 +248,11 @@ def rollback(
                 what="restore previous secret version",
             )
         rt.checkpoint("after:rollback-write")
+        # Consumers that moved to the new credential must move back before it is revoked; if
+        # they do not, the rollback stays open (retried) and the new credential stays valid.
+        unmoved = config.consumers and rollout.move(rt, state, config, _restored(rt, client, state, restored))
+        if unmoved:
+            raise ConsumersNotMoved(f"{unmoved}; the new credential on slot {state.to_slot} stays valid")
         rt.ledger.save(state)  # still ours? (fence before the upstream revoke)
         rt.rotators.get(config.rotator).retire(context, state.to_slot)
         rt.checkpoint("after:rollback-revoke")
@@ -265,6 +276,18 @@ def rollback(
     return rt.tell(logged(outcome), state)
 
 
+def _restored(rt: Runtime, client: SecretClient, state: SecretState, restored: KeyVaultSecret) -> Wanted:
+    """After a rollback, consumers may hold the restored version or the previous one (the same
+    value), but nothing started while the rolled-back version was newest."""
+    rolled_back = rt.get_secret(client, state.name, state.new_version) if state.new_version else None
+    return Wanted(
+        restored.properties.version or "",
+        restored.properties.created_on or rt.clock(),
+        same_as=state.from_version,
+        stale_from=rolled_back.properties.created_on if rolled_back else None,
+    )
+
+
 @telemetry.rotation
 @telemetry.step("retire")
 def retire(rt: Runtime, state: SecretState, current: SecretProperties | None = None) -> Outcome:
@@ -285,10 +308,13 @@ def retire(rt: Runtime, state: SecretState, current: SecretProperties | None = N
             raise UnsafeOperation(
                 f"slot {state.retire_slot} is the one the newest version uses: refusing to retire it"
             )
+        context = rt.context(config, client, state.name)
+        waiting = rollout.held(rt, state, config, context, current)
+        if waiting is not None:
+            return waiting
         # Retiring is claimed like a rotation: a lease, taken by a conditional write right
         # before the revoke, so no other run can rotate onto this slot meanwhile.
         state.step, state.lease_until = "retire", rt.clock() + rt.settings.lease
-        context = rt.context(config, client, state.name)
         rt.checkpoint("before:retire")
         rt.ledger.save(state)
         started = time.perf_counter()
@@ -311,7 +337,7 @@ def retire(rt: Runtime, state: SecretState, current: SecretProperties | None = N
     slot, version = state.retire_slot, state.retire_version
     state.state, state.step, state.lease_until = IDLE, "", None
     state.retire_slot, state.retire_version, state.retire_after = "", "", None
-    state.last_error = ""
+    state.last_error, state.held_since = "", None
     try:
         rt.ledger.save(state)
     except ConcurrentUpdate:
