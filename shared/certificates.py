@@ -38,7 +38,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 import uuid
@@ -235,6 +234,83 @@ class _OneHostAdapter(PinnedAdapter):
         return super().send(request, *args, **kwargs)
 
 
+class TxtRecords:
+    """The DNS-01 TXT record sets of one zone, changed by read-modify-write on the record set's
+    ETag: two certificates naming the same host (`app` and `*.app`) share `_acme-challenge.app`,
+    and a renewal adds and removes only its own values, never the other's."""
+
+    _ATTEMPTS = 5
+
+    def __init__(self, dns: DnsManagementClient, resource_group: str, zone: str) -> None:
+        self.dns, self.resource_group, self.zone = dns, resource_group, zone
+
+    def add(self, relative: str, tokens: list[str]) -> None:
+        def change(values: list[str]) -> list[str]:
+            return values + [t for t in tokens if t not in values]
+
+        self._change(relative, change, what="write DNS-01 TXT record")
+
+    def remove(self, relative: str, tokens: set[str]) -> None:
+        # No recorded values (a row from before they were kept): the whole record set was ours.
+        def change(values: list[str]) -> list[str]:
+            return [v for v in values if tokens and v not in tokens]
+
+        self._change(relative, change, what="remove DNS-01 TXT record")
+
+    def _change(self, relative: str, change: Callable[[list[str]], list[str]], what: str) -> None:
+        for _ in range(self._ATTEMPTS):
+            current = self._read(relative)
+            values = [v for r in (current.txt_records if current else None) or [] for v in r.value or []]
+            wanted = change(values)
+            if current is not None and wanted == values:
+                return
+            try:
+                if wanted:
+                    record = RecordSet(ttl=_TXT_TTL, txt_records=[TxtRecord(value=[v]) for v in wanted])
+                    call_with_retry(
+                        partial(
+                            self.dns.record_sets.create_or_update,
+                            self.resource_group,
+                            self.zone,
+                            relative,
+                            "TXT",
+                            record,
+                            **({"if_match": current.etag} if current else {"if_none_match": "*"}),
+                        ),
+                        what=what,
+                    )
+                elif current is not None:
+                    call_with_retry(
+                        partial(
+                            self.dns.record_sets.delete,
+                            self.resource_group,
+                            self.zone,
+                            relative,
+                            "TXT",
+                            if_match=current.etag,
+                        ),
+                        what=what,
+                    )
+                return
+            except HttpResponseError as error:
+                if error.status_code != 412:
+                    raise
+                # Someone changed the record set between our read and write: read it again.
+        raise DnsContended(
+            f"the TXT record set {relative[:80]} kept changing under {what};"
+            f" gave up after {self._ATTEMPTS} tries"
+        )
+
+    def _read(self, relative: str) -> RecordSet | None:
+        try:
+            return call_with_retry(
+                partial(self.dns.record_sets.get, self.resource_group, self.zone, relative, "TXT"),
+                what="read DNS-01 TXT record",
+            )
+        except ResourceNotFoundError:
+            return None
+
+
 @dataclass
 class _Progress:
     """The in-flight identifiers, as JSON in the row's `pending_credential` (none is a secret)."""
@@ -242,20 +318,36 @@ class _Progress:
     request_id: str = ""
     order: str = ""
     txt: tuple[str, ...] = ()
+    tokens: tuple[str, ...] = ()  # our DNS-01 values: public (they are published in DNS), not secrets
 
     @classmethod
     def of(cls, state: SecretState) -> _Progress:
         raw = json.loads(state.pending_credential or "{}")
-        return cls(raw.get("request_id", ""), raw.get("order", ""), tuple(raw.get("txt", ())))
+        return cls(
+            raw.get("request_id", ""),
+            raw.get("order", ""),
+            tuple(raw.get("txt", ())),
+            tuple(raw.get("tokens", ())),
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "order": self.order,
+            "txt": list(self.txt),
+            "tokens": list(self.tokens),
+        }
 
     def store(self, state: SecretState) -> None:
-        state.pending_credential = json.dumps(
-            {"request_id": self.request_id, "order": self.order, "txt": list(self.txt)}, sort_keys=True
-        )
+        state.pending_credential = json.dumps(self.as_json(), sort_keys=True)
 
 
 class RenewalFailed(Exception):
     """The CA refused the order or a challenge: nothing was issued."""
+
+
+class DnsContended(RenewalFailed):
+    """A TXT record set changed under every one of our read-modify-write attempts."""
 
 
 class CertificateRenewal:
@@ -492,6 +584,8 @@ class CertificateRenewal:
         self.rt.checkpoint("after:claim")
         try:
             new_version = self._run(client, state, config, policy)
+        except DnsContended as error:
+            return self._fail(client, state, config, str(error))
         except (RenewalFailed, errors.Error, messages.Error) as error:
             return self._fail(client, state, config, f"the ACME CA refused: {describe_error(error)}")
         except TargetNotAllowed as error:
@@ -675,21 +769,11 @@ class CertificateRenewal:
             if challenge.status == messages.STATUS_PENDING:
                 answers.append(challenge)
         progress.txt = tuple(sorted(set(progress.txt) | set(values)))
+        progress.tokens = tuple(sorted(set(progress.tokens).union(*values.values())))
         self._save(state, progress)  # recorded before the records exist: a crash cleans them up
-        dns = self.dns_client(config.subscription)
+        dns = TxtRecords(self.dns_client(config.subscription), config.resource_group, config.zone)
         for relative, tokens in values.items():
-            record = RecordSet(ttl=_TXT_TTL, txt_records=[TxtRecord(value=[t]) for t in tokens])
-            call_with_retry(
-                partial(
-                    dns.record_sets.create_or_update,
-                    config.resource_group,
-                    config.zone,
-                    relative,
-                    "TXT",
-                    record,
-                ),
-                what="write DNS-01 TXT record",
-            )
+            dns.add(relative, tokens)
         self.rt.checkpoint("after:txt")
         for challenge in answers:
             acme.answer_challenge(challenge, cast(challenges.DNS01, challenge.chall).response(acme.net.key))
@@ -716,13 +800,10 @@ class CertificateRenewal:
     def _remove_txt(self, state: SecretState, config: AcmeConfig, progress: _Progress) -> None:
         if not progress.txt:
             return
-        dns = self.dns_client(config.subscription)
+        dns = TxtRecords(self.dns_client(config.subscription), config.resource_group, config.zone)
         for relative in progress.txt:
-            call_with_retry(
-                partial(dns.record_sets.delete, config.resource_group, config.zone, relative, "TXT"),
-                what="remove DNS-01 TXT record",
-            )
-        progress.txt = ()
+            dns.remove(relative, set(progress.tokens))
+        progress.txt = progress.tokens = ()
         self._save(state, progress)
 
     # ----- endings -----------------------------------------------------------------------------
@@ -750,11 +831,13 @@ class CertificateRenewal:
             if operation is not None and operation.status == "inProgress":
                 client.cancel_certificate_operation(state.name)
                 client.delete_certificate_operation(state.name)
-        except HttpResponseError as error:
+        except (HttpResponseError, RenewalFailed) as error:
             reason += f" (cleanup incomplete: {describe_error(error)})"
         now = self.rt.clock()
         state.state, state.step, state.lease_until = FAILED, "", None
-        state.pending_credential = json.dumps({"txt": list(progress.txt)}) if progress.txt else ""
+        state.pending_credential = (
+            json.dumps({"txt": list(progress.txt), "tokens": list(progress.tokens)}) if progress.txt else ""
+        )
         state.last_outcome, state.last_error = ROTATION_FAILED, reason[:500]
         self.rt.save_quietly(state)
         self.rt.write_history(state, outcome=ROTATION_FAILED, ended_on=now, error=reason)
@@ -829,10 +912,10 @@ _renewal_lock = threading.Lock()
 
 def build_renewal(rt: Runtime, settings: Any) -> CertificateRenewal:
     """Real clients: Key Vault certificates with the secrets' options, Azure DNS on the ARM endpoint
-    (ROTATION_DNS_ARM_ENDPOINT overrides it, for a local stand-in)."""
+    (`dns_arm_endpoint` overrides it, for a local stand-in)."""
     from shared.service import vault_client_options  # noqa: PLC0415 - service builds the engine first
 
-    arm = (os.environ.get("ROTATION_DNS_ARM_ENDPOINT") or settings.arm_endpoint).rstrip("/")
+    arm = settings.dns_arm_endpoint or settings.arm_endpoint
     dns_options: dict[str, Any] = {"retry_total": 0}
     if settings.upstream_ca_bundle:
         dns_options["connection_verify"] = settings.upstream_ca_bundle

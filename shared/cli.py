@@ -14,6 +14,8 @@ laptop that is `az login`.
     python -m shared.cli key-policy orders-cmk --rotate-before-expiry P30D --expires-after P1Y
     python -m shared.cli bind-certificate web-tls
     python -m shared.cli renew-certificate web-tls
+    python -m shared.cli certificate-status web-tls
+    python -m shared.cli certificates
 """
 
 import argparse
@@ -106,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
         "bind-certificate", help="pin a certificate's ACME directory, DNS zone and names"
     )
     bind_certificate.add_argument("name")
+    certificate_status = commands.add_parser(
+        "certificate-status", help="renewal state and history of one certificate"
+    )
+    certificate_status.add_argument("name")
+    certificate_status.add_argument("--history", default="10", help="how many history records (default 10)")
+    commands.add_parser("certificates", help="every opted-in certificate with expiry and renewal state")
     return parser
 
 
@@ -129,6 +137,25 @@ def _render(command: str, result: api.ApiResult) -> str:
         listed = ("name", "rotator", "state", "expires_on", "last_outcome", "last_rotated_on", "retire_after")
         footer = f"\n{body['count']} managed secret(s), as listed at {body['as_of']}"
         return _table(body["value"], listed) + footer
+    if command == "certificates":
+        shown_columns = ("certificate", "state", "expires_on", "last_outcome", "last_rotated_on", "enabled")
+        return _table(body["value"], shown_columns) + f"\n{len(body['value'])} opted-in certificate(s)"
+    if command == "certificate-status":
+        state = body.get("state") or {}
+        fields = [
+            ("certificate", body["certificate"]), ("vault", body["vault"]), ("managed", body["managed"]),
+            ("current_version", body["current_version"]), ("expires_on", body["expires_on"]),
+            ("state", state.get("state", "unbound")), ("step", state.get("step")),
+            ("last_outcome", state.get("last_outcome")), ("last_error", state.get("last_error")),
+            ("bound_by", state.get("bound_by")),
+        ]  # fmt: skip
+        shown = [(key, value) for key, value in fields if value not in (None, "")]
+        width = max(len(key) for key, _ in shown)
+        text = "\n".join(f"{key.ljust(width)}  {value}" for key, value in shown)
+        if body.get("history"):
+            renewals = ("started_on", "trigger", "outcome", "new_version", "requested_by")
+            text += "\n\nhistory\n" + _table(body["history"], renewals)
+        return text
     if command == "entra-expiring":
         columns = ("end", "expired", "application", "app_id", "credential", "key_id")
         footer = f"\n{body['count']} client secret(s) ending within {body['within']} and not under rotation"
@@ -196,9 +223,15 @@ def run(argv: Sequence[str] | None = None) -> int:
             service.keys(), args.name, params, json.dumps(body).encode(), caller
         )
         return _print(args, result)
-    if args.command in ("renew-certificate", "bind-certificate"):
+    if args.command in ("renew-certificate", "bind-certificate", "certificate-status", "certificates"):
         from shared.certificates import renewal  # noqa: PLC0415 - the ACME client loads only here
 
+        if args.command == "certificates":
+            return _print(args, api.list_certificates(renewal(), params))
+        if args.command == "certificate-status":
+            return _print(
+                args, api.certificate_status(renewal(), args.name, {**params, "history": args.history})
+            )
         handler = api.renew_certificate if args.command == "renew-certificate" else api.bind_certificate
         return _print(args, handler(renewal(), args.name, params, b"", caller))
     engine = service.engine()

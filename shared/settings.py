@@ -243,6 +243,8 @@ class Settings:
     notify_webhook: str | None = None
     notify_eventgrid_endpoint: str | None = None
     arm_endpoint: str = "https://management.azure.com"
+    # Azure DNS for ACME DNS-01, when not on `arm_endpoint` (the local stand-in).
+    dns_arm_endpoint: str | None = None
     storage_blob_endpoint: str = "https://{account}.blob.core.windows.net"
     # Microsoft Graph and the Entra authority host (entra-app secrets); sovereign clouds differ.
     graph_endpoint: str = "https://graph.microsoft.com"
@@ -323,6 +325,7 @@ class Settings:
             notify_webhook=env.get("ROTATION_NOTIFY_WEBHOOK") or None,
             notify_eventgrid_endpoint=env.get("ROTATION_NOTIFY_EVENTGRID_ENDPOINT") or None,
             arm_endpoint=env.get("ROTATION_ARM_ENDPOINT", cls.arm_endpoint).rstrip("/"),
+            dns_arm_endpoint=(env.get("ROTATION_DNS_ARM_ENDPOINT") or "").rstrip("/") or None,
             storage_blob_endpoint=env.get("ROTATION_STORAGE_BLOB_ENDPOINT", cls.storage_blob_endpoint),
             graph_endpoint=env.get("ROTATION_GRAPH_ENDPOINT", cls.graph_endpoint).rstrip("/"),
             authority_host=(env.get("ROTATION_AUTHORITY_HOST") or cls.authority_host).rstrip("/"),

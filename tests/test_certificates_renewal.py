@@ -24,6 +24,7 @@ from azure.keyvault.certificates import (
 from azure.keyvault.keys import KeyClient
 from azure.keyvault.secrets import SecretClient
 from azure.mgmt.dns import DnsManagementClient
+from azure.mgmt.dns.models import RecordSet, TxtRecord
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -284,6 +285,53 @@ def test_a_crash_at_every_step_resumes_to_one_new_version(world: World, point: s
     assert no_pending(world, name) and challenge_records(world) == {}
 
 
+def dns(world: World) -> DnsManagementClient:
+    return DnsManagementClient(
+        world.acme.stack.vault.credential(),
+        SUBSCRIPTION,
+        base_url=world.acme.arm_dns.endpoint,
+        connection_verify=str(world.acme.stack.vault.ca_path),
+    )
+
+
+def test_a_challenge_record_set_shared_with_someone_else_keeps_their_value(world: World) -> None:
+    # `app` and `*.app` (or another tool) validate at the same name: only our own value comes and goes.
+    name, first = provision(world)
+    world.renewal.bind(world.vault_url, name, "operator@test")
+    relative = f"_acme-challenge.app-{name}"
+    theirs = RecordSet(ttl=60, txt_records=[TxtRecord(value=["someone-elses-token"])])
+    dns(world).record_sets.create_or_update("devstack", ZONE, relative, "TXT", theirs)
+    fqdn = f"{relative}.{ZONE}"
+
+    world.crash_at.add("after:txt")
+    with pytest.raises(SimulatedCrash):
+        world.renew(name, expected_version=first)
+    during = world.acme.arm_dns.txt(fqdn) or []
+    assert ["someone-elses-token"] in during and len(during) == 2
+
+    world.clock.advance(timedelta(minutes=11))
+    assert (
+        world.renew(name, expected_version=first, trigger="sweep", requested_by="timer").status == "rotated"
+    )
+    assert world.acme.arm_dns.txt(fqdn) == [["someone-elses-token"]]
+    dns(world).record_sets.delete("devstack", ZONE, relative, "TXT")
+
+
+def test_a_record_set_changed_between_read_and_write_is_read_again(world: World) -> None:
+    name, first = provision(world)
+    world.renewal.bind(world.vault_url, name, "operator@test")
+    world.acme.arm_dns.inject_fault(412, times=1, method="PUT")
+    assert world.renew(name, expected_version=first).status == "rotated"
+    assert challenge_records(world) == {}
+
+    other, other_first = provision(world)
+    world.renewal.bind(world.vault_url, other, "operator@test")
+    world.acme.arm_dns.inject_fault(412, times=99, method="PUT")
+    outcome = world.renew(other, expected_version=other_first)
+    assert outcome.status == "failed" and "kept changing" in outcome.message, outcome.message
+    assert versions(world, other) == [other_first] and no_pending(world, other)
+
+
 def test_a_failing_challenge_leaves_the_current_version_and_is_reported(world: World) -> None:
     name, first = provision(world)
     world.renewal.bind(world.vault_url, name, "operator@test")
@@ -404,6 +452,15 @@ def test_the_function_app_renews_on_an_event_on_a_route_and_from_the_cli(
     assert {"certificate": name, "state": "idle", "last_outcome": "rotated"}.items() <= next(
         item for item in listed if item["certificate"] == name
     ).items()
+    capsys.readouterr()
+    assert cli.run(["certificate-status", name]) == 0
+    shown = capsys.readouterr().out
+    assert f"current_version  {current(world, name)}" in shown and shown.count("rotated") >= 3
+    assert cli.run(["certificates"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(name))
+    assert row.split()[1:2] == ["idle"] and "rotated" in row
+    assert cli.run(["certificate-status", "no-such-cert"]) == 2
+    assert "404 not_found" in capsys.readouterr().err
     unknown = call_http(
         "renew_certificate", "POST", "certificates/nope/renew", route_params={"name": "no_pe"}
     )
