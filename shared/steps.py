@@ -293,11 +293,12 @@ def _restored(rt: Runtime, client: SecretClient, state: SecretState, restored: K
 def retire(rt: Runtime, state: SecretState, current: SecretProperties | None = None) -> Outcome:
     """Revoke the previous slot once its overlap is over, and disable its Key Vault version.
 
-    `current` is the newest version's properties when the caller has just read or listed
-    them; otherwise they are read here."""
+    `current` is the newest version's properties when the caller has just read them; otherwise
+    they are read here (a listing will not do: Key Vault's list of secrets names no version, and
+    the binding and the consumers are checked against one)."""
     client = rt.secret_client(state.vault_url)
     try:
-        if current is None:
+        if current is None or not current.version:
             current = rt.get_secret(client, state.name).properties
         config = parse_config(current.tags, rt.settings, vault_url=state.vault_url)
         try:

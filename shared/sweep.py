@@ -40,11 +40,11 @@ def sweep(rt: Runtime, rotate: Callable[..., Outcome]) -> list[Outcome]:
         listed.update(((vault_url, (props.name or "").lower()), props) for props in properties)
         record_inventory(rt, vault_url, properties, now)
     work: list[tuple[str, Callable[[], Outcome]]] = []
-    for key, state in states.items():
+    for state in states.values():
         if not rt.settings.vault_allowed(state.vault_url) or state.lease_held(now):
             continue
         if state.state == OVERLAP and state.retire_after and state.retire_after <= now:
-            work.append((state.name, partial(steps.retire, rt, state, listed.get(key))))
+            work.append((state.name, partial(steps.retire, rt, state)))
         elif state.state == ROTATING:
             work.append((state.name, partial(steps.resume, rt, state)))
     horizon = now + rt.settings.sweep_lead_time

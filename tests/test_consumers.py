@@ -321,6 +321,50 @@ def test_a_held_retirement_proceeds_at_the_maximum_hold(
     ) == 2  # and told when it gave up waiting
 
 
+def test_a_web_app_that_cannot_refresh_holds_the_retirement_until_it_holds_the_new_version(
+    stack: LocalStack, vault: SecretClient, unique: str, engine_with: Any
+) -> None:
+    """Refresh step off: the site moves on the platform's own 24-hour refresh. One that fails it
+    still serves the old value, and the old credential stays until the site holds the new one."""
+    clock = Clock()
+    engine: RotationEngine = engine_with(
+        {
+            "ROTATION_CONSUMER_REFRESH": "false",
+            "ROTATION_DRAIN_MAX": "P3D",
+            "ROTATION_CONSUMER_TIMEOUT": "PT5S",
+        },
+        clock=clock.now,
+    )
+    secret = consumed_secret(stack, unique, f"web:devstack/{unique}-web", overlap="P1DT1H")
+    site = stack.apps.add_site(f"{unique}-web", {"DB": stack.apps.secret_uri(secret.name)})
+    old = value_of(vault, secret.name)
+    assert engine.rotate(stack.vault.vault_url, secret.name, trigger="manual").status == "rotated"
+    newest = vault.get_secret(secret.name).properties.version
+    assert stack.apps.version_of(site, "DB") != newest  # nobody made it read: it keeps the old value
+
+    def days_later(hours: int) -> None:
+        clock.offset = timedelta(hours=hours)
+        stack.vault.clock.set_offset(timedelta(hours=hours))
+        tick_sweeper()
+
+    try:
+        stack.apps.deny_vault(site)  # its own refresh at 24 h fails: it goes on serving the old value
+        days_later(25)
+        state = engine.ledger.get(stack.vault.vault_url, secret.name)
+        assert state is not None and state.state == "overlap" and state.held_since is not None
+        assert f"consumer web:devstack/{unique}-web still holds an older version" in state.held_reason
+        assert json.loads(stack.apps.value_of(site, "DB")) == old and can_login(stack, old)
+
+        stack.apps.deny_vault(site, False)
+        days_later(50)  # its next own refresh reads the new version: then the old one goes
+        state = engine.ledger.get(stack.vault.vault_url, secret.name)
+        assert state is not None and state.state == "idle" and state.held_since is None, state
+        assert stack.apps.version_of(site, "DB") == newest
+        assert not can_login(stack, old)
+    finally:
+        stack.vault.clock.set_offset(timedelta(0))
+
+
 def test_an_emergency_retires_at_once_whatever_still_uses_the_old_credential(
     stack: LocalStack, vault: SecretClient, unique: str, old_session: Any
 ) -> None:
