@@ -6,11 +6,15 @@ admin or issued, may call the "who am I" endpoint. Two wire shapes, so the rotat
 configurable contract is exercised with more than one vendor:
 
 * ``default``: ``Authorization: Bearer <key>``; ``POST /keys {"name"}`` -> 201
-  ``{"id","name","key","created"}``; ``GET /keys`` -> ``{"items":[{"id","name","created"}]}``;
+  ``{"id","name","key","created"}``; ``GET /keys`` -> ``{"items":[{"id","name","created","last_used"}]}``;
   ``DELETE /keys/{id}`` -> 204 / 404; ``GET /whoami`` -> ``{"key_id","name"}``.
 * ``alt``: ``X-API-Key: <key>``; ``POST /v2/api-keys {"label"}`` -> 201
   ``{"data":{"keyId","label","secret","createdAt"}}``; ``GET /v2/api-keys`` ->
-  ``{"data":[{"keyId","label","createdAt"}]}``; ``DELETE /v2/api-keys/{id}``; ``GET /v2/me``.
+  ``{"data":[{"keyId","label","createdAt","usage":{"lastUsedAt"}}]}``; ``DELETE /v2/api-keys/{id}``;
+  ``GET /v2/me``.
+
+A key's last use (ISO 8601, null before the first) is when it last called the who-am-I
+endpoint, as vendors that report it do (the rotator's drain check reads it).
 
 ``GET /health[/...]`` answers 200 without a key (a stand-in for a consumer's health
 probe; `inject_fault(503, path_prefix="/health/x")` makes one fail). Lists never carry
@@ -58,16 +62,37 @@ class _Wire:
     name: str
     secret: str
     created: str
+    last_used: str
     list_field: str
     wrap_item: bool
 
 
 _SHAPES: dict[str, _Wire] = {
     "default": _Wire(
-        "Authorization", "Bearer ", "/keys", "/whoami", "id", "name", "key", "created", "items", False
+        "Authorization",
+        "Bearer ",
+        "/keys",
+        "/whoami",
+        "id",
+        "name",
+        "key",
+        "created",
+        "last_used",
+        "items",
+        False,
     ),
     "alt": _Wire(
-        "X-API-Key", "", "/v2/api-keys", "/v2/me", "keyId", "label", "secret", "createdAt", "data", True
+        "X-API-Key",
+        "",
+        "/v2/api-keys",
+        "/v2/me",
+        "keyId",
+        "label",
+        "secret",
+        "createdAt",
+        "usage.lastUsedAt",
+        "data",
+        True,
     ),
 }
 
@@ -79,6 +104,7 @@ class _Key:
     secret: str
     created: str
     active_at: float
+    last_used: str | None = None
 
 
 @dataclass
@@ -317,14 +343,13 @@ class VendorApi:
             key = self._live_key(presented)
             if key is None:
                 return _error(401, "unauthorized")
+            key.last_used = dt.datetime.now(dt.UTC).isoformat()
             return 200, self._wrap({wire.id: key.id, wire.name: key.name})
         if account is None:
             return _error(403 if self._live_key(presented) else 401, "forbidden")
         if path == wire.collection:
             if method == "GET":
-                items = [
-                    {wire.id: k.id, wire.name: k.name, wire.created: k.created} for k in account.keys.values()
-                ]
+                items = [self._listed(k) for k in account.keys.values()]
                 return 200, {wire.list_field: items}
             if method == "POST":
                 try:
@@ -362,6 +387,13 @@ class VendorApi:
         return 201, self._wrap(
             {wire.id: key.id, wire.name: name, wire.secret: key.secret, wire.created: created}
         )
+
+    def _listed(self, key: _Key) -> dict[str, Any]:
+        wire = self._wire
+        item: dict[str, Any] = {wire.id: key.id, wire.name: key.name, wire.created: key.created}
+        outer, _, inner = wire.last_used.rpartition(".")
+        (item.setdefault(outer, {}) if outer else item)[inner] = key.last_used
+        return item
 
     def _wrap(self, item: dict[str, str]) -> dict[str, Any]:
         return {"data": item} if self._wire.wrap_item else item

@@ -17,7 +17,9 @@ so common vendors fit without code:
 - `rotation-api-fields` (`id=id,secret=key,name=name,list=items,item=`): where the key
   id, the secret and the name are in a key object, where the array is in a list
   response, and where the key object is in a create response (empty: the body itself);
-  dotted paths reach into nested objects;
+  dotted paths reach into nested objects; `last_used` (none by default), where a listed key
+  says when it was last used (ISO 8601 or Unix seconds), turns on the drain check: the old
+  key is retired only once it has not been used for `ROTATION_DRAIN_QUIET`;
 - `rotation-admin-secret`: a Key Vault secret holding the admin key (`{"key": ...}` or
   the bare key), presented with the same header.
 
@@ -32,6 +34,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -65,7 +68,7 @@ TAG_FIELDS = "rotation-api-fields"
 DEFAULT_CREATE = "POST /keys"
 DEFAULT_VERIFY = "GET /whoami"
 DEFAULT_AUTH_HEADER = "Authorization: Bearer {key}"
-DEFAULT_FIELDS = {"id": "id", "secret": "key", "name": "name", "list": "items", "item": ""}
+DEFAULT_FIELDS = {"id": "id", "secret": "key", "name": "name", "list": "items", "item": "", "last_used": ""}
 
 _METHODS = {
     TAG_CREATE: ("POST", "PUT"),
@@ -178,7 +181,7 @@ def _fields(tags: Mapping[str, str]) -> dict[str, str]:
             raise ConfigError(
                 f"tag {TAG_FIELDS} takes name=path pairs for {', '.join(DEFAULT_FIELDS)}; got {name[:20]!r}"
             )
-        empty_ok = name in ("list", "item")
+        empty_ok = name in ("list", "item", "last_used")
         if not (_FIELD_PATH.match(path) or (empty_ok and path == "")):
             raise ConfigError(f"tag {TAG_FIELDS}: invalid JSON field path for {name}")
         fields[name] = path
@@ -480,6 +483,34 @@ class ApiKeyRotator:
         if key_id not in on_slot:
             raise PossessionNotProven(f"key {key_id[:80]} is not the vendor's key on slot {slot}")
 
+    def in_use(self, context: RotationContext, slot: str) -> str:
+        """The slot's key was used within ROTATION_DRAIN_QUIET, where the vendor reports last use."""
+        contract = parse_contract(context.config.tags)
+        path = contract.fields["last_used"]
+        if not path:
+            return ""
+        self.validate(context)
+        with self._vendor(context) as vendor:
+            answer = vendor.admin(contract.list)
+        if answer.refusal:
+            raise UpstreamError(f"listing keys: {answer.refusal}")
+        items = _dig(answer.body, contract.fields["list"])
+        now = datetime.now(UTC)
+        quiet = context.settings.drain_quiet
+        for item in items if isinstance(items, list) else []:
+            if _dig(item, contract.fields["name"]) != slot:
+                continue
+            raw = _dig(item, path)
+            used = _moment(raw)
+            if used is None:
+                if raw is not None:
+                    logger.warning("%s: key of slot %s: last use unreadable: ignored", vendor.where, slot)
+                continue
+            if now - used < quiet:
+                since = min(used, now).isoformat(timespec="seconds")
+                return f"key of slot {slot} was used at {since}, within {quiet} (ROTATION_DRAIN_QUIET)"
+        return ""
+
     def retire(self, context: RotationContext, slot: str) -> None:
         self.validate(context)
         with self._vendor(context) as vendor:
@@ -557,6 +588,22 @@ class ApiKeyRotator:
                 f"admin secret {name} must hold the admin key, or JSON with a key field"
             ) from None
         return key
+
+
+def _moment(raw: Any) -> datetime | None:
+    """A vendor's timestamp: ISO 8601 text, or Unix seconds (milliseconds when that large)."""
+    if isinstance(raw, bool):
+        return None
+    try:
+        if isinstance(raw, int | float):
+            seconds = raw / 1000 if raw > 1e11 else raw
+            return datetime.fromtimestamp(seconds, UTC)
+        if isinstance(raw, str) and 10 <= len(raw) <= 40:
+            moment = datetime.fromisoformat(raw)
+            return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+    return None
 
 
 def _put(document: dict[str, Any], path: str, value: str) -> None:

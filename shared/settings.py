@@ -233,6 +233,8 @@ class Settings:
     consumer_poll: timedelta = timedelta(seconds=5)
     # A retirement waits while the old credential is still in use, at most this long.
     drain_max: timedelta = timedelta(hours=24)
+    # An API key used more recently than this still has a holder (vendors that report last use).
+    drain_quiet: timedelta = timedelta(hours=1)
     postgres_sslmode: str = "verify-full"
     # libpq's sslrootcert: a CA file, or `system` (the OS trust store; libpq 16 and later).
     postgres_ca_bundle: str = "system"
@@ -317,6 +319,7 @@ class Settings:
             consumer_timeout=duration("ROTATION_CONSUMER_TIMEOUT", cls.consumer_timeout),
             consumer_poll=duration("ROTATION_CONSUMER_POLL", cls.consumer_poll),
             drain_max=duration("ROTATION_DRAIN_MAX", cls.drain_max),
+            drain_quiet=duration("ROTATION_DRAIN_QUIET", cls.drain_quiet),
             postgres_sslmode=env.get("ROTATION_POSTGRES_SSLMODE") or cls.postgres_sslmode,
             postgres_ca_bundle=env.get("ROTATION_POSTGRES_CA_BUNDLE") or cls.postgres_ca_bundle,
             keyvault_api_version=env.get("KEYVAULT_API_VERSION", cls.keyvault_api_version),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from threading import Thread
+from typing import Any
 
 import pytest
 from azure.keyvault.secrets import SecretClient
@@ -526,3 +527,56 @@ def test_a_vendor_on_a_loopback_address_is_refused_without_allowed_networks(
     assert "resolves to loopback address 127.0.0.1" in outcome.message
     assert len(vendors.default.requests) == requests_before
     assert versions(vault, unique) == [managed.first_version]
+
+
+# ------------------------------------------------------------------ drain before retire
+
+
+@pytest.mark.parametrize("shape", ["default", "alt"])
+def test_an_old_key_used_recently_holds_the_retirement_until_it_goes_quiet(
+    stack: LocalStack, vault: SecretClient, vendors: Vendors, unique: str, engine_with: Any, shape: str
+) -> None:
+    engine = engine_with({"ROTATION_DRAIN_QUIET": "PT3S"})
+    api, tags = (vendors.default, {}) if shape == "default" else (vendors.alt, dict(ALT_TAGS))
+    last_used = "last_used" if shape == "default" else "usage.lastUsedAt"
+    fields = tags.get("rotation-api-fields", "")
+    tags["rotation-api-fields"] = ",".join(filter(None, [fields, f"last_used={last_used}"]))
+    managed = provision(stack, vendors, unique, vendor=api, overlap="PT1S", extra_tags=tags)
+    deliver_event(event(stack, unique))
+    old_id = managed.value["key_id"]
+
+    time.sleep(1.1)  # the overlap is over, and an app that never moved calls with the old key
+    assert api.authenticates(managed.value["key"])
+    tick_sweeper()
+    state = engine.ledger.get(stack.vault.vault_url, unique)
+    assert state is not None and state.state == OVERLAP and state.held_since is not None
+    assert "key of slot primary was used at" in state.held_reason, state.held_reason
+    assert old_id in {key_id for key_id, _ in api.keys(managed.admin_key)}
+
+    time.sleep(3.2)  # it stopped: quiet for longer than ROTATION_DRAIN_QUIET
+    tick_sweeper()
+    state = engine.ledger.get(stack.vault.vault_url, unique)
+    assert state is not None and state.state == IDLE and state.held_since is None
+    assert not api.authenticates(managed.value["key"])
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("2026-12-01T10:00:00Z", datetime(2026, 12, 1, 10, tzinfo=UTC)),
+        ("2026-12-01T10:00:00", datetime(2026, 12, 1, 10, tzinfo=UTC)),
+        (1764583200, datetime(2025, 12, 1, 10, tzinfo=UTC)),
+        (1764583200000, datetime(2025, 12, 1, 10, tzinfo=UTC)),
+        ("yesterday", None),
+        ("2026-13-45T99:00:00Z", None),
+        (True, None),
+        (1e300, None),
+        ({"at": "2026-12-01"}, None),
+        ("9" * 5000, None),
+        (None, None),
+    ],
+)
+def test_a_vendors_last_use_is_read_or_ignored_never_trusted_blindly(raw: Any, expected: Any) -> None:
+    from rotators.api_key import _moment  # noqa: PLC0415
+
+    assert _moment(raw) == expected
