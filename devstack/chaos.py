@@ -75,7 +75,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -90,8 +90,10 @@ from azure.core.exceptions import HttpResponseError, ServiceRequestError, Servic
 from azure.functions.eventgrid import EventGridEventInConverter
 from azure.functions.meta import Datum
 from azure.functions.timer import TimerRequest
+from azure.identity import DefaultAzureCredential
 from azure.keyvault.secrets import SecretClient
 
+from devstack.arm_consumers import ConsumerApps
 from devstack.keyvault.server import Fault
 from devstack.postgres import session_user
 from devstack.stack import (
@@ -103,6 +105,7 @@ from devstack.stack import (
 )
 from rotators.base import TAG_ADMIN_FOR
 from shared import service
+from shared.consumers import MOVED, TAG_CONSUMERS, ConsumerRef, Consumers, Position, Wanted
 from shared.engine import CHECKPOINTS, RotationEngine
 from shared.ledger import FAILED, IDLE, OVERLAP, ROTATING
 from shared.settings import Settings
@@ -110,12 +113,16 @@ from shared.settings import Settings
 ROUND_STEP = timedelta(days=3)  # past every overlap and lease; with P30D validity, every secret is due
 VALIDITY = timedelta(days=30)
 OVERLAP_TAG = "PT1H"  # longer than all the lease jumps of one round's recovery
+# Secrets read by a Web App: an overlap that ends within the recovery's lease jumps, far short of
+# App Service's own 24-hour refresh, so only the engine's refresh and drain check keep the app up.
+APP_OVERLAP_TAG = "PT3M"
 LEASE = timedelta(minutes=2)
 ENGINE_ENV = {
     "ROTATION_LEASE": "PT2M",
     "ROTATION_SWEEP_LEAD_TIME": "P28D",
     "ROTATION_RETRY_AFTER_FAILURE": "PT1M",
     "ROTATION_PROBE_TIMEOUT": "PT1S",
+    "ROTATION_CONSUMER_TIMEOUT": "PT30S",
 }
 KICKS = ("event", "manual", "sweep", "burst", "rollback", "emergency", "none")
 KICK_WEIGHTS = (4, 3, 2, 3, 1, 1, 1)
@@ -612,7 +619,11 @@ class Managed:
 
 
 class Consumer(threading.Thread):
-    def __init__(self, secret: Managed, client: SecretClient, tally: Tally, stop: threading.Event) -> None:
+    """An app that reads the newest version from Key Vault itself, and logs in with it, in a loop."""
+
+    def __init__(
+        self, secret: Managed, client: SecretClient | None, tally: Tally, stop: threading.Event
+    ) -> None:
         super().__init__(name=f"consumer-{secret.name}", daemon=True)
         self.secret, self.client, self.tally, self.stop = secret, client, tally, stop
         self.failures: list[str] = []
@@ -625,6 +636,8 @@ class Consumer(threading.Thread):
             self.stop.wait(0.1)
 
     def _read(self) -> tuple[str, str] | None:
+        if self.client is None:
+            return None
         try:
             secret = self.client.get_secret(self.secret.name)
         except (ServiceRequestError, ServiceResponseError):
@@ -661,6 +674,58 @@ class Consumer(threading.Thread):
         self.failures.append(f"{self.secret.name}: newest version {version} (slot {slot}) refused upstream")
 
 
+class AppConsumer(Consumer):
+    """A Web App of the ARM stand-in that reads the secret through a Key Vault reference: it
+    holds what it resolved at its last refresh (the engine's, or its own every 24 hours)."""
+
+    SETTING = "SECRET"
+
+    def __init__(
+        self, secret: Managed, site: str, apps: ConsumerApps, tally: Tally, stop: threading.Event
+    ) -> None:
+        super().__init__(secret, None, tally, stop)
+        self.name = f"consumer-app-{secret.name}"
+        self.site, self.apps = site, apps
+
+    def _read(self) -> tuple[str, str] | None:
+        value = self.apps.value_of(self.site, self.SETTING)
+        version = self.apps.version_of(self.site, self.SETTING)
+        return (version, value) if value else None
+
+    def _check(self, version: str, value: str) -> None:
+        result = self.secret.kind.authenticate(value)
+        if result == Auth.OK:
+            self.tally.add("app_checks")
+            return
+        if result == Auth.DOWN:
+            self.tally.add("outages")
+            return
+        again = self._read()
+        if again is not None and again[0] != version:
+            self.tally.add("stale_reads")  # the app moved between our read and the login
+            return
+        self.tally.add("consumer_failures")
+        self.tally.add("app_failures")
+        slot = self.secret.kind.slot_of(value)
+        self.failures.append(
+            f"{self.site.rsplit('/', 1)[-1]}: holds version {version} (slot {slot}), refused"
+        )
+
+
+class ConsumerStepsOff(Consumers):
+    """The control run: consumers are neither moved nor waited for (what rotation tools do today)."""
+
+    def move(
+        self, consumers: Sequence[ConsumerRef], vault_url: str, secret_name: str, wanted: Wanted
+    ) -> list[Position]:
+        return []
+
+    def positions(
+        self, consumers: Sequence[ConsumerRef], vault_url: str, secret_name: str, wanted: Wanted
+    ) -> list[Position]:
+        return [Position(str(ref), ref.kind, MOVED) for ref in consumers]
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -672,6 +737,8 @@ class Options:
     max_seconds: float = 600.0
     stalls: bool = False
     kinds: tuple[str, ...] = field(default_factory=lambda: tuple(available_kinds()))
+    # The control run: the engine neither moves the apps nor checks them before retiring.
+    consumer_steps: bool = True
 
 
 @dataclass
@@ -728,8 +795,11 @@ class ChaosRun:
     def setup(self) -> None:
         """Build and install the engine (from the environment, as on the host), provision, start consumers."""
         settings = Settings.from_env()
+        blind = None
+        if not self.options.consumer_steps:
+            blind = ConsumerStepsOff(settings, DefaultAzureCredential(), self.clock.now)
         self._engine = service.build_engine(
-            settings, clock=self.clock.now, checkpoint=self.hook, probe=self.probe
+            settings, clock=self.clock.now, checkpoint=self.hook, probe=self.probe, consumers=blind
         )
         service.use_engine(self._engine)
         self.triggers = Triggers(self.tally, self.http_bodies)
@@ -743,6 +813,21 @@ class ChaosRun:
             consumer = Consumer(secret, self.stack.secret_client(), self.tally, self.stop_consumers)
             consumer.start()
             self.consumers.append(consumer)
+            self.consumers.append(self._app_reading(secret))
+
+    def _app_reading(self, secret: Managed) -> Consumer:
+        """A Web App referencing the secret, declared in its rotation-consumers tag (bound again)."""
+        apps = self.stack.apps
+        site_name = f"{secret.name}-web"
+        site = apps.add_site(site_name, {AppConsumer.SETTING: apps.secret_uri(secret.name)})
+        vault = self.stack.secret_client()
+        tags = dict(vault.get_secret(secret.name).properties.tags or {})
+        tags |= {TAG_CONSUMERS: f"web:{apps.resource_group}/{site_name}", "rotation-overlap": APP_OVERLAP_TAG}
+        vault.update_secret_properties(secret.name, tags=tags)
+        self.stack.operator_bind(secret.name)
+        consumer = AppConsumer(secret, site, apps, self.tally, self.stop_consumers)
+        consumer.start()
+        return consumer
 
     # ------------------------------------------------------------------- rounds
 
@@ -1039,7 +1124,9 @@ def run(
                 "duplicates": chaos.tally["duplicates"],
                 "restarts": chaos.tally["restarts"],
                 "consumer_checks": chaos.tally["consumer_checks"],
+                "app_checks": chaos.tally["app_checks"],
                 "outages": chaos.tally["outages"],
+                "app_failures": chaos.tally["app_failures"],  # counted in consumer_failures too
                 "consumer_failures": chaos.tally["consumer_failures"],
                 "lost": checked["lost"],
                 "leaked": leaked,
@@ -1081,6 +1168,11 @@ def main(argv: list[str] | None = None) -> int:
         "--kinds", help=f"comma-separated kinds of credential (default: {','.join(available_kinds())})"
     )
     parser.add_argument("--max-seconds", type=float, default=600.0, help="stop starting rounds after this")
+    parser.add_argument(
+        "--consumer-steps-off",
+        action="store_true",
+        help="the control run: no refresh of the apps, no drain check (expect app_failures > 0)",
+    )
     args = parser.parse_args(argv)
     options = Options(
         secrets=args.secrets or (4 if args.small else 20),
@@ -1089,6 +1181,7 @@ def main(argv: list[str] | None = None) -> int:
         max_seconds=min(args.max_seconds, 150.0) if args.small else args.max_seconds,
         kinds=tuple(args.kinds.split(",")) if args.kinds else tuple(available_kinds()),
         stalls=args.stalls,
+        consumer_steps=not args.consumer_steps_off,
     )
     return finish(run(options))
 

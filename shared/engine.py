@@ -18,6 +18,7 @@ from azure.keyvault.secrets import SecretClient
 from rotators import RotatorRegistry
 from shared import binding, inventory, posture, reach, steps, sweep
 from shared.config import TAG_WINDOW, parse_config, validate_secret_name
+from shared.consumers import Consumers
 from shared.errors import ConfigError, NotManaged
 from shared.events import VaultEvent
 from shared.ledger import OVERLAP, ROTATING, Ledger, SecretState
@@ -96,6 +97,7 @@ class RotationEngine:
         probe: Callable[[str, float], None] = http_probe,
         checkpoint: Callable[[str], None] | None = None,
         notify: Callable[[dict[str, Any]], None] | None = None,
+        consumers: Consumers | None = None,
     ) -> None:
         self._rt = Runtime(
             secret_client=secret_client,
@@ -107,6 +109,7 @@ class RotationEngine:
             probe=probe,
             checkpoint=checkpoint or (lambda _point: None),
             notify=notify,
+            consumers=consumers,
         )
 
     @property

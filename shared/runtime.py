@@ -43,7 +43,7 @@ class Runtime:
     probe: Callable[[str, float], None]
     checkpoint: Callable[[str], None]
     notify: Callable[[dict[str, Any]], None] | None = None
-    # Replaces the consumers' mover (the chaos run's control switches the move step off).
+    # Replaces the consumers' mover and drain check (the chaos run's control run switches them off).
     consumers: Consumers | None = None
     admin_secrets: SecretCache = field(init=False)
 

@@ -34,6 +34,7 @@ def test_a_tiny_run_finishes_green_and_ends_with_the_figures_line(
     assert int(figures["rotations"]) >= 2
     assert int(figures["restarts"]) == 1
     assert int(figures["consumer_checks"]) > 0
+    assert int(figures["app_checks"]) > 0 and figures["app_failures"] == "0"
     assert sum(report.coverage.values()) == int(figures["crashes"]) > 0
 
 
@@ -68,3 +69,16 @@ def test_the_checker_reports_a_credential_that_does_not_authenticate(
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("rotations=")
     assert "lost=1" in last
+
+
+def test_without_the_consumer_steps_the_apps_hold_dead_credentials(chaos_stack: LocalStack) -> None:
+    """The control: the same run with the refresh and the drain check off. The apps read through
+    Key Vault references and keep the old version; the short overlap retires it under them."""
+    report = run(
+        Options(secrets=2, rounds=3, seed=12, kinds=("postgres",), consumer_steps=False), stack=chaos_stack
+    )
+
+    assert not report.ok
+    assert report.figures["app_failures"] > 0
+    assert report.figures["consumer_failures"] == report.figures["app_failures"]  # Key Vault readers: fine
+    assert report.figures["lost"] == 0
