@@ -628,12 +628,14 @@ class Consumer(threading.Thread):
         self.secret, self.client, self.tally, self.stop = secret, client, tally, stop
         self.failures: list[str] = []
 
+    pause = 0.1
+
     def run(self) -> None:
         while not self.stop.is_set():
             newest = self._read()
             if newest is not None:
                 self._check(*newest)
-            self.stop.wait(0.1)
+            self.stop.wait(self.pause)
 
     def _read(self) -> tuple[str, str] | None:
         if self.client is None:
@@ -679,6 +681,7 @@ class AppConsumer(Consumer):
     holds what it resolved at its last refresh (the engine's, or its own every 24 hours)."""
 
     SETTING = "SECRET"
+    pause = 0.3  # an app's requests are not what this run measures: it asks often enough
 
     def __init__(
         self, secret: Managed, site: str, apps: ConsumerApps, tally: Tally, stop: threading.Event

@@ -75,6 +75,9 @@ param rotationDefaultOverlap string = 'P1D'
 @description('Storage accounts whose keys the app rotates: comma-separated resource ids (Storage Account Key Operator Service Role on each).')
 param targetStorageAccountIds string = ''
 
+@description('Declared consumers (rotation-consumers): comma-separated resource ids of Web Apps, Function Apps and Container Apps the app makes read new versions (Website Contributor / Container Apps Contributor on each; they become ROTATION_ALLOWED_CONSUMERS).')
+param consumerResourceIds string = ''
+
 @description('Email for alerts (failed rotations, dead-lettered events, vault configuration changes).')
 param alertEmail string = ''
 
@@ -96,6 +99,7 @@ var tags = {
 var generatedVaultName = '${abbrs.keyVaultVaults}${resourceToken}${empty(vaultNameSuffix) ? '' : '-${vaultNameSuffix}'}'
 var newVaultName = empty(vaultName) ? generatedVaultName : vaultName
 var existingVaultIdList = empty(existingVaultIds) ? [] : split(replace(existingVaultIds, ' ', ''), ',')
+var consumerIdList = empty(consumerResourceIds) ? [] : split(replace(consumerResourceIds, ' ', ''), ',')
 var targetStorageIdList = empty(targetStorageAccountIds) ? [] : split(replace(targetStorageAccountIds, ' ', ''), ',')
 
 var keyVaultDns = environment().suffixes.keyvaultDns
@@ -190,6 +194,8 @@ module functionApp 'modules/functionapp.bicep' = {
       ROTATION_DEFAULT_VALIDITY: rotationDefaultValidity
       ROTATION_DEFAULT_OVERLAP: rotationDefaultOverlap
       ROTATION_POSTGRES_SSLMODE: 'verify-full'
+      ROTATION_ALLOWED_CONSUMERS: join(consumerIdList, ',')
+      ROTATION_CONSUMER_SUBSCRIPTION: subscription().subscriptionId
     }
   }
 }
@@ -317,6 +323,16 @@ module targetStorageRoles 'modules/target-storage-role.bicep' = [for id in targe
   scope: resourceGroup(split(id, '/')[2], split(id, '/')[4])
   params: {
     storageAccountName: split(id, '/')[8]
+    appPrincipalId: identity.outputs.appIdentityPrincipalId
+  }
+}]
+
+module consumerRoles 'modules/consumer-role.bicep' = [for id in consumerIdList: {
+  name: 'rotation-consumer-${uniqueString(id)}'
+  scope: resourceGroup(split(id, '/')[2], split(id, '/')[4])
+  params: {
+    consumerName: split(id, '/')[8]
+    consumerType: '${split(id, '/')[6]}/${split(id, '/')[7]}'
     appPrincipalId: identity.outputs.appIdentityPrincipalId
   }
 }]

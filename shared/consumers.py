@@ -35,6 +35,7 @@ from azure.core.credentials import TokenCredential
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.core.rest import HttpRequest
 
+from shared.durations import format_duration
 from shared.errors import ConfigError, UpstreamError
 from shared.settings import Settings
 
@@ -169,8 +170,9 @@ def check_overlap(consumers: Sequence[ConsumerRef], overlap: timedelta, *, force
     if overlap < needed:
         hours = needed.total_seconds() / 3600
         raise ConfigError(
-            f"overlap {overlap} is shorter than consumer {slowest}'s refresh interval ({hours:g} h: "
-            f"{_WHY[slowest.kind]}): set rotation-overlap to at least {hours:g}h"
+            f"overlap {format_duration(overlap)} is shorter than consumer {slowest}'s refresh interval "
+            f"({hours:g} h: {_WHY[slowest.kind]}): set rotation-overlap to at least "
+            f"{format_duration(needed)}"
         )
 
 

@@ -106,6 +106,8 @@ ALLOWED_ROLES = {
         "target-storage-role.bicep",
     ),
     "3913510d-42f4-4e42-8a64-420c390055eb": ("Monitoring Metrics Publisher", "functionapp.bicep"),
+    "de139f84-1756-47ae-9be6-808fbbe84772": ("Website Contributor", "consumer-role.bicep"),
+    "358470bc-b998-42bd-ab17-a7e34c199c0f": ("Container Apps Contributor", "consumer-role.bicep"),
 }
 FORBIDDEN_ROLES = {
     "00482a5a-887f-4fb3-b363-3b7fe8e74483": "Key Vault Administrator",
