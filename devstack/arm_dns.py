@@ -22,12 +22,11 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl, urlsplit
 
 from devstack.arm_storage import ARM_AUDIENCES, RESOURCE_GROUP, SUBSCRIPTION_ID
-from devstack.keyvault.certs import CertPaths, ensure_certs
+from devstack.served import ServedStandIn
 from devstack.tls_server import QuietHandler, TlsHTTPServer
 
 if TYPE_CHECKING:
@@ -132,58 +131,27 @@ class _Handler(QuietHandler):
             self.wfile.write(body)
 
 
-class ArmDnsStandIn:
+class ArmDnsStandIn(ServedStandIn):
     """DNS zones with TXT record sets behind ARM's record sets API."""
 
+    label = "Azure DNS stand-in"
+
     def __init__(self, state_dir: Path, emulator: KeyVaultEmulator) -> None:
-        self.state_dir = Path(state_dir)
+        super().__init__(state_dir)
         self.emulator = emulator
         self.request_counts: Counter[str] = Counter()
         self._lock = threading.RLock()
         self._zones: dict[str, _Zone] = {}
         self._faults: list[_Fault] = []
-        self._certs: CertPaths | None = None
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
     # ----- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> ArmDnsStandIn:
-        if self._server is not None:
-            raise RuntimeError("the DNS stand-in is already running")
-        self._certs = ensure_certs(self.state_dir)
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(self._certs.cert, self._certs.key)
-        self._server = _Server(self, context)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.05,), name="arm-dns", daemon=True
-        )
-        self._thread.start()
-        log.info("Azure DNS stand-in at %s", self.endpoint)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server.close_connections()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._server = self._thread = None
-
-    def __enter__(self) -> ArmDnsStandIn:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+    def _serve(self, context: ssl.SSLContext) -> TlsHTTPServer:
+        return _Server(self, context)
 
     @property
     def endpoint(self) -> str:
-        if self._server is None:
-            raise RuntimeError("the DNS stand-in is not running")
-        return f"https://127.0.0.1:{self._server.server_address[1]}"
+        return f"https://127.0.0.1:{self.port}"
 
     # ----- zones and test helpers ------------------------------------------------------------
 

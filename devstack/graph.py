@@ -43,11 +43,10 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from devstack.keyvault.certs import CertPaths, ensure_certs
+from devstack.served import ServedStandIn
 from devstack.tls_server import QuietHandler, TlsHTTPServer
 
 if TYPE_CHECKING:
@@ -178,11 +177,13 @@ class _Handler(QuietHandler):
             self.wfile.write(data)
 
 
-class GraphStandIn:
+class GraphStandIn(ServedStandIn):
     """In-memory applications of one tenant, Graph's API over them, and Entra's token endpoint."""
 
+    label = "Graph stand-in"
+
     def __init__(self, state_dir: Path, emulator: KeyVaultEmulator) -> None:
-        self.state_dir = Path(state_dir)
+        super().__init__(state_dir)
         self.emulator = emulator
         self.tenant_id = emulator.tenant_id
         # The app management policy and limits (change them in a test, then put them back).
@@ -200,61 +201,21 @@ class GraphStandIn:
         self._granted: set[str] = {emulator.identity_client_id}
         self._issued: set[str] = set()
         self._faults: list[_Fault] = []
-        self._certs: CertPaths | None = None
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
     # ----- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> GraphStandIn:
-        if self._server is not None:
-            raise RuntimeError("the Graph stand-in is already running")
-        self._certs = ensure_certs(self.state_dir)
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(self._certs.cert, self._certs.key)
-        self._server = _Server(self, context)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.05,), name="graph", daemon=True
-        )
-        self._thread.start()
+    def _serve(self, context: ssl.SSLContext) -> TlsHTTPServer:
+        return _Server(self, context)
+
+    def _started(self) -> None:
         log.info("Graph and Entra stand-in at %s", self.base_url)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server.close_connections()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._server, self._thread = None, None
-
-    def __enter__(self) -> GraphStandIn:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # ----- addresses and test helpers --------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("the Graph stand-in is not running")
-        return int(self._server.server_address[1])
 
     @property
     def base_url(self) -> str:
         """Graph's endpoint and the authority host: both this server."""
         return f"https://127.0.0.1:{self.port}"
-
-    @property
-    def ca_path(self) -> Path:
-        if self._certs is None:
-            raise RuntimeError("the Graph stand-in is not running")
-        return self._certs.ca
 
     @property
     def caller_id(self) -> str:

@@ -38,11 +38,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal, cast
 from urllib.parse import unquote, urlsplit
 
-from devstack.keyvault.certs import CertPaths, ensure_certs
+from devstack.served import ServedStandIn
 from devstack.tls_server import QuietHandler, TlsHTTPServer
 
 log = logging.getLogger("devstack.vendor_api")
@@ -162,8 +161,10 @@ def _error(status: int, code: str) -> tuple[int, Any]:
     return status, {"error": {"code": code}}
 
 
-class VendorApi:
+class VendorApi(ServedStandIn):
     """An in-memory vendor with key management, served over HTTPS on a random loopback port."""
+
+    label = "vendor API"
 
     def __init__(
         self,
@@ -175,7 +176,7 @@ class VendorApi:
     ) -> None:
         if shape not in _SHAPES:
             raise ValueError(f"unknown shape {shape!r}")
-        self.state_dir = Path(state_dir)
+        super().__init__(state_dir)
         self.shape: Shape = shape
         self.max_keys = max_keys
         # Eventual consistency: a new key authenticates only this many seconds after creation.
@@ -186,61 +187,21 @@ class VendorApi:
         self._issued: set[str] = set()  # every key and admin key ever made, for leak scans
         self._accounts: dict[str, _Account] = {}
         self._faults: list[_Fault] = []
-        self._certs: CertPaths | None = None
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self._admin_key = self.add_account()
 
     # ----- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> VendorApi:
-        if self._server is not None:
-            raise RuntimeError("the vendor API is already running")
-        self._certs = ensure_certs(self.state_dir)
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(self._certs.cert, self._certs.key)
-        self._server = _Server(self, context)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.05,), name="vendor-api", daemon=True
-        )
-        self._thread.start()
+    def _serve(self, context: ssl.SSLContext) -> TlsHTTPServer:
+        return _Server(self, context)
+
+    def _started(self) -> None:
         log.info("vendor API (%s shape) at %s", self.shape, self.base_url)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server.close_connections()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._server, self._thread = None, None
-
-    def __enter__(self) -> VendorApi:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # ----- addresses, accounts and test helpers ----------------------------------------------
 
     @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("the vendor API is not running")
-        return int(self._server.server_address[1])
-
-    @property
     def base_url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
-
-    @property
-    def ca_path(self) -> Path:
-        if self._certs is None:
-            raise RuntimeError("the vendor API is not running")
-        return self._certs.ca
 
     @property
     def admin_key(self) -> str:

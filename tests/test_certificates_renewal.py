@@ -36,14 +36,8 @@ from devstack.pebble import Pebble, find_pebble
 from devstack.stack import LocalStack
 from rotators import RotatorRegistry
 from shared import cli
-from shared.certificates import (
-    ACME_ROTATOR,
-    RENEWAL_POINTS,
-    TAG_ACME_DIRECTORY,
-    TAG_DNS_ZONE,
-    CertificateRenewal,
-    use_renewal,
-)
+from shared.acme import ACME_ROTATOR, TAG_ACME_DIRECTORY, TAG_DNS_ZONE
+from shared.certificates import RENEWAL_POINTS, CertificateRenewal, use_renewal
 from shared.config import TAG_ROTATOR
 from shared.ledger import Ledger
 from shared.runtime import Runtime
