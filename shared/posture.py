@@ -446,7 +446,13 @@ def record(rt: "Runtime", vault_url: str, *, force: bool = False) -> Posture:
         return after
     if drift.changes:
         rt.ledger.write_posture_history(vault_url, now, after.checks_json(), drift.changes)
-        logger.warning("%s: vault posture changed: %s", vault_url, "; ".join(drift.changes))
+        if before is None:  # a first reading is no change: one line, a warning only if it fails
+            summary = after.summary()
+            level = logging.WARNING if summary["failing"] else logging.INFO
+            rows = ", ".join(summary["failing"]) or ", ".join(summary["unknown"]) or "all rows pass"
+            logger.log(level, "%s: vault posture first read: %s (%s)", vault_url, summary["status"], rows)
+        else:
+            logger.warning("%s: vault posture changed: %s", vault_url, "; ".join(drift.changes))
     if drift.newly_failing and rt.notify is not None:
         failing = "; ".join(f"{row}: {after.check(row).detail}" for row in drift.newly_failing)
         rt.notify(

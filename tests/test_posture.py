@@ -6,6 +6,7 @@ serves each test's vault configured as hardened, legacy, drifted or unreadable.
 """
 
 import json
+import logging
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -479,3 +480,26 @@ def test_the_management_sdks_load_only_when_a_posture_is_read() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
     )
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_a_first_reading_is_one_line_and_a_later_change_names_each_row(
+    stack: LocalStack, arm: ArmVaults, unique: str, engine_with: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = f"kv-{unique}"
+    arm.add_vault(name, "hardened", app_principal=stack.vault.identity_client_id)
+    ledger = {"LEDGER_TABLE_PREFIX": f"p{unique[1:]}"}  # a ledger of its own: nothing recorded yet
+    engine = install(engine_with, stack, arm, name, env=ledger)
+
+    with caplog.at_level(logging.INFO, logger="shared.posture"):
+        engine.vault_posture(stack.vault.vault_url, refresh=True)
+    lines = [r for r in caplog.records if r.name == "shared.posture" and "vault posture" in r.getMessage()]
+    assert [(r.levelno, r.getMessage().split(": ", 1)[1]) for r in lines] == [
+        (logging.INFO, "vault posture first read: pass (all rows pass)")
+    ]
+
+    caplog.clear()
+    arm.update(name, enablePurgeProtection=False)
+    with caplog.at_level(logging.INFO, logger="shared.posture"):
+        engine.vault_posture(stack.vault.vault_url, refresh=True)
+    (changed,) = [r for r in caplog.records if "vault posture" in r.getMessage()]
+    assert changed.levelno == logging.WARNING and "purge_protection: pass -> fail" in changed.getMessage()
