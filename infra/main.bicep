@@ -108,6 +108,11 @@ var newVaultUris = createVault ? [
 ] : []
 var existingVaultUris = [for id in existingVaultIdList: 'https://${split(id, '/')[8]}${keyVaultDns}']
 var allowedVaults = join(concat(newVaultUris, existingVaultUris), ',')
+// Where each served vault is on the management plane, for the posture checklist (vault=id,...).
+var newVaultPostureIds = createVault ? [
+  '${newVaultUris[0]}=/subscriptions/${subscription().subscriptionId}/resourceGroups/${abbrs.resourcesResourceGroups}${environmentName}/providers/Microsoft.KeyVault/vaults/${newVaultName}'
+] : []
+var existingVaultPostureIds = [for (id, i) in existingVaultIdList: '${existingVaultUris[i]}=${id}']
 
 var storageAccountName = '${abbrs.storageStorageAccounts}${resourceToken}'
 var functionAppName = '${abbrs.webSitesFunctions}${resourceToken}'
@@ -196,6 +201,8 @@ module functionApp 'modules/functionapp.bicep' = {
       ROTATION_POSTGRES_SSLMODE: 'verify-full'
       ROTATION_ALLOWED_CONSUMERS: join(consumerIdList, ',')
       ROTATION_CONSUMER_SUBSCRIPTION: subscription().subscriptionId
+      ROTATION_VAULT_RESOURCE_IDS: join(concat(newVaultPostureIds, existingVaultPostureIds), ',')
+      ROTATION_APP_PRINCIPAL_ID: identity.outputs.appIdentityPrincipalId
     }
   }
 }

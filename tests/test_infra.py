@@ -93,6 +93,7 @@ EXPECTED_SKIPS = {
 ALLOWED_ROLES = {
     "b86a8fe4-44ce-4948-aee5-eccb2c155cd7": ("Key Vault Secrets Officer", "vault-rotation.bicep"),
     "14b46e9e-c2b7-41b4-b07b-48a6ebf60603": ("Key Vault Crypto Officer", "vault-rotation.bicep"),
+    "acdd72a7-3385-48ef-bd42-f606fba81ae7": ("Reader", "vault-rotation.bicep"),
     "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3": ("Storage Table Data Contributor", "storage.bicep"),
     "b7e6dc6d-f1e8-4753-8033-0f276bb0955b": ("Storage Blob Data Owner", "storage.bicep"),
     "974c5e8b-45b9-4653-ba55-5f855dd0fb88": ("Storage Queue Data Contributor", "storage.bicep"),
@@ -340,6 +341,9 @@ def test_function_app_settings_match_the_app() -> None:
         "ROTATION_DEFAULT_VALIDITY",
         "ROTATION_DEFAULT_OVERLAP",
         "ROTATION_POSTGRES_SSLMODE",
+        "ROTATION_VAULT_RESOURCE_IDS",  # the posture checklist of every vault the templates serve
+        "ROTATION_APP_PRINCIPAL_ID",
+        "ROTATION_ALLOWED_CONSUMERS",
         "AZURE_CLIENT_ID",
         "AzureWebJobsStorage__accountName",
         "AzureWebJobsStorage__credential",

@@ -39,6 +39,8 @@ param actionGroupId string
 var roles = {
   keyVaultSecretsOfficer: 'b86a8fe4-44ce-4948-aee5-eccb2c155cd7'
   keyVaultCryptoOfficer: '14b46e9e-c2b7-41b4-b07b-48a6ebf60603'
+  // The posture checklist reads the vault's properties, diagnostic settings and role assignments.
+  reader: 'acdd72a7-3385-48ef-bd42-f606fba81ae7'
 }
 
 var topicName = 'egst-${vaultName}'
@@ -52,6 +54,16 @@ resource secretsOfficer 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   scope: vault
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.keyVaultSecretsOfficer)
+    principalId: appPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource postureReader 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(vault.id, appPrincipalId, roles.reader)
+  scope: vault
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.reader)
     principalId: appPrincipalId
     principalType: 'ServicePrincipal'
   }
