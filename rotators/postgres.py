@@ -233,9 +233,11 @@ class PostgresRotator:
         # The Entra token is sent as a password (only over verified TLS); every other login is SCRAM,
         # so a server that asks for a cleartext password never gets one.
         token_login = not config.admin_secret and user == config.tags.get(TAG_ADMIN_USER, "").strip()
+        # Every checked address, in turn (libpq's host and hostaddr lists): nothing else is tried.
+        addresses = resolve_checked(settings, target.host, target.port)
         return psycopg.connect(
-            host=target.host,  # what the certificate is checked against
-            hostaddr=resolve_checked(settings, target.host, target.port)[0],
+            host=",".join([target.host] * len(addresses)),  # what the certificate is checked against
+            hostaddr=",".join(addresses),
             port=target.port,
             dbname=target.database,
             user=user,

@@ -11,13 +11,16 @@ import ipaddress
 import re
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+import requests
 from requests import PreparedRequest, Response
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from shared.errors import RotationError, TargetNotAllowed, UpstreamError
 from shared.settings import Settings
@@ -156,21 +159,53 @@ def _connect(addresses: list[str], port: int, remaining: Callable[[], float]) ->
     raise failure
 
 
+def _not_connected(error: requests.exceptions.ConnectionError) -> bool:
+    """The connection itself failed (refused, unreachable, timed out): nothing was sent."""
+    reason = getattr(error.args[0] if error.args else None, "reason", None)
+    return isinstance(error, requests.exceptions.ConnectTimeout) or isinstance(
+        reason, NewConnectionError | ConnectTimeoutError
+    )
+
+
 class PinnedAdapter(HTTPAdapter):
-    """A requests transport that connects to the address `resolve_checked` approved for the
+    """A requests transport that connects to an address `resolve_checked` approved for the
     URL's host, and verifies the server's certificate for the host name (SNI and hostname check).
+    When a name has several addresses and one does not take the connection, the next is tried
+    (nothing was sent), and an address that failed goes last for a minute.
 
     Mount it for https:// only: a plain-http request would still carry the name in Host alone."""
 
+    DOWN_FOR = 60.0
+
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
         self._settings = settings
+        self._chosen = threading.local()
+        self._down: dict[str, float] = {}
         super().__init__(**kwargs)
 
     def send(self, request: PreparedRequest, *args: Any, **kwargs: Any) -> Response:
         parts = urlsplit(request.url or "")
         # The connection goes to an address; the request still names the host.
         request.headers["Host"] = parts.netloc.rpartition("@")[2]
-        return super().send(request, *args, **kwargs)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        addresses = resolve_checked(self._settings, parts.hostname or "", port)
+        now = time.monotonic()
+        addresses.sort(key=lambda address: self._down.get(address, 0.0) > now - self.DOWN_FOR)
+        for address in addresses[:-1]:
+            try:
+                return self._send_to(address, request, *args, **kwargs)
+            except requests.exceptions.ConnectionError as error:
+                if not _not_connected(error):
+                    raise
+                self._down[address] = time.monotonic()
+        return self._send_to(addresses[-1], request, *args, **kwargs)
+
+    def _send_to(self, address: str, request: PreparedRequest, *args: Any, **kwargs: Any) -> Response:
+        self._chosen.address = address
+        try:
+            return super().send(request, *args, **kwargs)
+        finally:
+            self._chosen.address = None
 
     def build_connection_pool_key_attributes(
         self, request: PreparedRequest, verify: Any, cert: Any = None
@@ -178,6 +213,7 @@ class PinnedAdapter(HTTPAdapter):
         host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
         name = str(host_params["host"])
         port = int(host_params["port"] or (443 if host_params["scheme"] == "https" else 80))
-        host_params["host"] = resolve_checked(self._settings, name, port)[0]
+        chosen = getattr(self._chosen, "address", None)
+        host_params["host"] = chosen or resolve_checked(self._settings, name, port)[0]
         pool_kwargs["server_hostname"] = name
         return host_params, pool_kwargs

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from azure.keyvault.secrets import SecretClient
@@ -155,3 +156,26 @@ def test_a_rogue_server_asking_for_a_cleartext_password_never_gets_it(
     assert all(not received.startswith(b"p") for received in rogue.after_auth_request)
     for password in (stack.postgres.admin_password.encode(), own_password.encode()):
         assert all(password not in received for received in rogue.after_auth_request)
+
+
+def test_a_name_with_a_dead_address_first_is_reached_at_its_next_checked_one(
+    stack: LocalStack, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's name resolving to an address where nothing listens, then to the server's:
+    libpq is given both (checked) and the rotation goes through on the second."""
+    from devstack.stack import provision_postgres_secret  # noqa: PLC0415
+    from shared import service  # noqa: PLC0415
+
+    pg = stack.postgres
+    real = socket.getaddrinfo
+
+    def dead_first(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        answers = real(host, port, *args, **kwargs)
+        if host == pg.host and int(port or 0) == pg.port:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", pg.port)), *answers]
+        return answers
+
+    secret = provision_postgres_secret(stack, f"{unique}-db", prefix=unique, expires_on=soon(20))
+    monkeypatch.setattr(socket, "getaddrinfo", dead_first)
+    outcome = service.engine().rotate(stack.vault.vault_url, secret.name, trigger="manual")
+    assert outcome.status == "rotated", outcome.message

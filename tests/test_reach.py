@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -242,3 +243,39 @@ def test_a_probe_of_a_name_that_does_not_resolve_fails_at_the_deadline() -> None
     with pytest.raises(RotationError, match="did not succeed: name not resolved"):
         http_probe(STRICT, "https://no-such-host.invalid/health", 1)
     assert time.monotonic() - began < 3
+
+
+def test_the_adapter_tries_the_next_checked_address_when_one_refuses_the_connection(
+    certs: CertPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`localhost` answering with a dead address first (nothing listens on 127.0.0.2) and the
+    server's second: the request reaches the server, once; the dead address then goes last."""
+    hits: list[bytes] = []
+    real = socket.getaddrinfo
+    asked: list[str] = []
+
+    def two_addresses(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        if host != "localhost":
+            return real(host, port, *args, **kwargs)
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", port)),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    adapter = PinnedAdapter(LOCAL)
+    original = adapter._send_to
+
+    def recorded(address: str, *args: Any, **kwargs: Any) -> requests.Response:
+        asked.append(address)
+        return original(address, *args, **kwargs)
+
+    monkeypatch.setattr(adapter, "_send_to", recorded)
+    with tcp_server(replying("200 OK", hits), server_tls(certs)) as port, requests.Session() as session:
+        session.trust_env = False
+        session.mount("https://", adapter)
+        first = session.post(f"https://localhost:{port}/keys", verify=str(certs.ca), timeout=5)
+        second = session.post(f"https://localhost:{port}/keys", verify=str(certs.ca), timeout=5)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert len(hits) == 2  # each request sent once: the dead address took nothing
+    assert asked == ["127.0.0.2", "127.0.0.1", "127.0.0.1"]
