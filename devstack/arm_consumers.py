@@ -76,6 +76,7 @@ class _Site:
     resource_id: str
     references: dict[str, str]  # app setting -> Key Vault secret URI (unversioned or pinned)
     held: dict[str, _Held] = field(default_factory=dict)
+    endless: bool = False  # a hostile answer: every page links to itself as the next
     refreshed_on: dt.datetime | None = None
     # Its identity lost access to the vault: refreshes fail and it keeps what it had.
     denied: bool = False
@@ -112,6 +113,7 @@ class ConsumerApps:
         self._sites: dict[str, _Site] = {}
         self._apps: dict[str, _App] = {}
         self._client: SecretClient | None = None
+        self._url = ""  # the request being answered (under the lock)
         arm.mount(self.route)
 
     # ----------------------------------------------------------------- set-up (tests, chaos)
@@ -139,6 +141,11 @@ class ConsumerApps:
             app.replicas = [self._new_replica(app, running_in=0.0) for _ in range(replicas)]
             app.started_on = self.emulator.clock.now()
         return resource_id
+
+    def page_endlessly(self, resource_id: str) -> None:
+        """The site's reference listing links to itself as its next page, forever."""
+        with self._lock:
+            self._sites[resource_id.lower()].endless = True
 
     def deny_vault(self, resource_id: str, denied: bool = True) -> None:
         with self._lock:
@@ -169,6 +176,7 @@ class ConsumerApps:
         if web is None and app is None:
             return None
         with self._lock:
+            self._url = f"{self.arm.arm_endpoint}{path}" + (f"?{query}" if query else "")
             return self._web(method, web) if web is not None else self._app(method, app)  # type: ignore[arg-type]
 
     def _count(self, operation: str) -> None:
@@ -193,7 +201,7 @@ class ConsumerApps:
             self._age_site(site)
         return 200, {
             "value": [self._reference(site, setting) for setting in site.references],
-            "nextLink": None,
+            "nextLink": self._url if site.endless else None,
         }
 
     def _reference(self, site: _Site, setting: str) -> dict[str, Any]:

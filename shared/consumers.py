@@ -24,10 +24,11 @@ the old credential (nothing may still hold the old version).
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from itertools import islice
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,6 +44,7 @@ logger = logging.getLogger("shared.consumers")
 
 TAG_CONSUMERS = "rotation-consumers"
 MAX_CONSUMERS = 5
+MAX_LISTED = 100  # app settings with Key Vault references, or revisions, of one consumer
 # Documented in the App Service docs; not in azure-mgmt-web, so sent through the client's pipeline.
 WEB_REFRESH_API_VERSION = "2022-03-01"
 
@@ -292,7 +294,8 @@ class Consumers:
 
     def _web_references(self, ref: ConsumerRef, vault_url: str, secret_name: str) -> list[Any]:
         with self._web(ref) as client:
-            items = list(client.web_apps.get_app_settings_key_vault_references(ref.resource_group, ref.name))
+            pages = client.web_apps.get_app_settings_key_vault_references(ref.resource_group, ref.name)
+            items = _bounded(pages, ref, "Key Vault references")
         ours = []
         for item in items:
             props = item.properties
@@ -362,7 +365,7 @@ class Consumers:
 
     def _active_revisions(self, client: Any, ref: ConsumerRef) -> list[Any]:
         revisions = client.container_apps_revisions.list_revisions(ref.resource_group, ref.name)
-        return [rev for rev in revisions if rev.active]
+        return [rev for rev in _bounded(revisions, ref, "revisions") if rev.active]
 
     def _app_position(
         self, ref: ConsumerRef, vault_url: str, secret_name: str, wanted: Wanted, now: datetime
@@ -445,6 +448,14 @@ class Consumers:
                     f"its identity {role} on {ref.resource_id}"
                 ) from None
             raise UpstreamError(f"consumer {ref}: HTTP {error.status_code} {code}".strip()) from None
+
+
+def _bounded(items: Iterable[Any], ref: ConsumerRef, what: str) -> list[Any]:
+    """At most MAX_LISTED items of an ARM listing: an answer that pages on past that is refused."""
+    listed = list(islice(items, MAX_LISTED + 1))
+    if len(listed) > MAX_LISTED:
+        raise UpstreamError(f"consumer {ref} lists more than {MAX_LISTED} {what}: not followed further")
+    return listed
 
 
 def positions_json(positions: Sequence[Position]) -> str:

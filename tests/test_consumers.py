@@ -179,6 +179,22 @@ def test_a_consumer_that_would_never_move_is_refused_before_anything_changes(
     assert state is not None and state.state == "idle" and not state.pending_credential
 
 
+def test_a_listing_that_pages_on_forever_is_refused_before_anything_changes(
+    stack: LocalStack, vault: SecretClient, unique: str
+) -> None:
+    secret = consumed_secret(stack, unique, f"web:devstack/{unique}-web")
+    first = secret.first_version.properties.version or ""
+    site = stack.apps.add_site(f"{unique}-web", {"DB": stack.apps.secret_uri(secret.name)})
+    stack.apps.page_endlessly(site)
+    before = stack.apps.request_counts.get("web:references", 0)
+
+    outcome = service.engine().rotate(stack.vault.vault_url, secret.name, trigger="manual")
+
+    assert outcome.status == "failed" and "lists more than 100 Key Vault references" in outcome.message
+    assert stack.apps.request_counts["web:references"] - before <= 101  # not followed further
+    assert [p.version for p in vault.list_properties_of_secret_versions(secret.name)] == [first]
+
+
 def test_a_consumer_outside_the_allow_list_or_unknown_is_a_configuration_error(stack: LocalStack) -> None:
     settings = Settings.from_env(
         {
