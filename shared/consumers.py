@@ -307,7 +307,8 @@ class Consumers:
                 continue
             if pinned or props.secret_version:
                 raise ConfigError(
-                    f"consumer {ref}: app setting {item.name} pins version {pinned or props.secret_version} "
+                    f"consumer {ref}: app setting {_shown(item.name)} pins version "
+                    f"{_shown(pinned or props.secret_version)} "
                     "of the secret, so it never moves to a new one: reference the secret without a version"
                 )
             ours.append(item)
@@ -326,10 +327,10 @@ class Consumers:
             held.add(version)
             # A failed refresh keeps serving what it had: only the version it holds counts.
             if version.lower() not in good:
-                behind.append(f"{item.name}: {status} at {version or 'no version'}")
+                behind.append(f"{_shown(item.name)}: {_shown(status)} at {_shown(version) or 'no version'}")
         shown = held.pop() if len(held) == 1 else ""
         state = WAITING if behind else MOVED
-        return Position(str(ref), WEB, state, version=shown, detail="; ".join(behind)[:300])
+        return Position(str(ref), WEB, state, version=_shown(shown, 64), detail="; ".join(behind)[:300])
 
     # ----------------------------------------------------------------- Container Apps
 
@@ -355,8 +356,8 @@ class Consumers:
                 continue
             if pinned:
                 raise ConfigError(
-                    f"consumer {ref}: secret {secret.name} pins version {pinned}, so it never moves to "
-                    "a new one: reference the secret without a version"
+                    f"consumer {ref}: secret {_shown(secret.name)} pins version {_shown(pinned)}, so it "
+                    "never moves to a new one: reference the secret without a version"
                 )
             ours.append(secret.name or "")
         if not ours:
@@ -392,7 +393,8 @@ class Consumers:
                     )
                     if not (fresh and running):
                         state = "running" if running else "not running"
-                        behind.append(f"{revision.name}/{replica.name}: {state}, started {created or '?'}")
+                        where = f"{_shown(revision.name)}/{_shown(replica.name)}"
+                        behind.append(f"{where}: {state}, started {created or '?'}")
         if behind and now >= wanted.written_on + NATURAL_REFRESH[CONTAINER_APP]:
             behind = []  # re-read by the platform itself by now
         state = WAITING if behind else MOVED
@@ -448,6 +450,11 @@ class Consumers:
                     f"its identity {role} on {ref.resource_id}"
                 ) from None
             raise UpstreamError(f"consumer {ref}: HTTP {error.status_code} {code}".strip()) from None
+
+
+def _shown(text: object, limit: int = 80) -> str:
+    """An upstream name as it may appear in a message: printable ASCII, bounded (ARM answers are input)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in str(text or ""))[:limit]
 
 
 def _bounded(items: Iterable[Any], ref: ConsumerRef, what: str) -> list[Any]:

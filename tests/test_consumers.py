@@ -396,3 +396,12 @@ def test_an_emergency_retires_at_once_whatever_still_uses_the_old_credential(
     state = service.engine().ledger.get(stack.vault.vault_url, secret.name)
     assert state is not None and state.state == "idle"
     assert not can_login(stack, old)
+
+
+def test_upstream_names_reach_messages_printable_and_bounded() -> None:
+    from shared.consumers import _shown  # noqa: PLC0415
+
+    forged = "DB\nWARNING shared.engine: all good\x1b[2K" + "x" * 200
+    shown = _shown(forged)
+    assert len(shown) == 80 and shown.isprintable() and "\n" not in shown
+    assert shown.startswith("DB?WARNING shared.engine: all good?[2K")
