@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
+from itertools import islice
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from shared.settings import POSTURE_ROWS, Settings
@@ -39,6 +40,7 @@ PASS, FAIL, UNKNOWN = "pass", "fail", "unknown"
 NOTICE_STATUS = "posture_failed"
 ARM_SCOPE = "https://management.azure.com/.default"
 _DETAIL_CHARS = 300
+MAX_LISTED = 5000
 
 # Built-in role definition ids (the same in every tenant).
 OWNER = "8e3af657-a8ff-443c-a75c-2fe8c4bcb635"
@@ -141,6 +143,15 @@ def _describe(error: BaseException) -> str:
         code = error.error.code if error.error else None
         return f"HTTP {error.status_code}" + (f" {code}" if code else "")
     return type(error).__name__
+
+
+def _bounded(items: Iterable[T], what: str) -> list[T]:
+    """A listing read to MAX_LISTED items (Azure allows 4,000 role assignments a subscription):
+    one that pages on past that leaves its rows unknown instead of reading forever."""
+    listed = list(islice(items, MAX_LISTED + 1))
+    if len(listed) > MAX_LISTED:
+        raise _Unreadable(f"{what}: more than {MAX_LISTED} listed; not read further")
+    return listed
 
 
 def _read(operation: Callable[[], T], what: str, role: str) -> T:
@@ -255,7 +266,7 @@ def _diagnostics_check(settings: Settings, credential: "TokenCredential", resour
     try:
         with client:
             found = _read(
-                lambda: list(client.diagnostic_settings.list(resource_id)),
+                lambda: _bounded(client.diagnostic_settings.list(resource_id), "diagnostic settings"),
                 "diagnostic settings",
                 READ_DIAGNOSTICS,
             )
@@ -307,7 +318,10 @@ def _role_checks(settings: Settings, credential: "TokenCredential", resource_id:
     try:
         with client:
             assignments = _read(
-                lambda: list(client.role_assignments.list_for_scope(resource_id, filter="atScope()")),
+                lambda: _bounded(
+                    client.role_assignments.list_for_scope(resource_id, filter="atScope()"),
+                    "role assignments",
+                ),
                 "role assignments",
                 READ_ROLES,
             )

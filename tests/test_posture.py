@@ -503,3 +503,11 @@ def test_a_first_reading_is_one_line_and_a_later_change_names_each_row(
         engine.vault_posture(stack.vault.vault_url, refresh=True)
     (changed,) = [r for r in caplog.records if "vault posture" in r.getMessage()]
     assert changed.levelno == logging.WARNING and "purge_protection: pass -> fail" in changed.getMessage()
+
+
+def test_a_listing_that_never_ends_leaves_its_rows_unknown_after_a_bounded_read() -> None:
+    from itertools import count  # noqa: PLC0415
+
+    with pytest.raises(posture._Unreadable, match=r"role assignments: more than 5000 listed"):
+        posture._bounded(count(), "role assignments")
+    assert posture._bounded(range(3), "role assignments") == [0, 1, 2]
