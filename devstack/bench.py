@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import ssl
 import statistics
 import subprocess
@@ -422,6 +423,8 @@ def status_at_scale(stack: "LocalStack", count: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # As devstack.stack.stop_on_sigterm, which this module imports only after its cold start.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="scaled down: under a minute")
     parser.add_argument("--concurrency", type=int, default=8, help="ROTATION_SWEEP_CONCURRENCY for the fleet")

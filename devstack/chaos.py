@@ -102,6 +102,7 @@ from devstack.stack import (
     provision_entra_secret,
     provision_postgres_secret,
     provision_storage_key_secret,
+    stop_on_sigterm,
 )
 from rotators.base import TAG_ADMIN_FOR
 from shared import service
@@ -1157,6 +1158,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(prog="scripts/chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="the CI size: 4 secrets, 6 rounds")
     parser.add_argument("--secrets", type=int, help="managed secrets (default 20; --small 4)")

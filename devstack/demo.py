@@ -22,7 +22,7 @@ import psycopg
 
 from devstack.postgres import session_user
 from devstack.runner import LocalFunctionHost
-from devstack.stack import LocalStack, provision_postgres_secret
+from devstack.stack import LocalStack, provision_postgres_secret, stop_on_sigterm
 from shared import service
 from shared.durations import parse_duration
 from shared.engine import STEPS
@@ -141,6 +141,7 @@ def run(stack: LocalStack, host: LocalFunctionHost, overlap: str, deadline: floa
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(description="Watch a secret rotate on the local stand-ins.")
     parser.add_argument("--overlap", default="PT15S", help="ISO 8601 duration the old credential stays valid")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for everything")

@@ -11,6 +11,7 @@ tagged for rotation.
 import json
 import os
 import secrets
+import signal
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -172,6 +173,16 @@ class ManagedPostgresSecret:
     group: str
     slots: tuple[str, str]
     first_version: KeyVaultSecret
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (a `kill`, a CI timeout) ends the process as Ctrl-C would: the `finally` and
+    `with` blocks run, so the stack's PostgreSQL and Azurite stop with it."""
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
 
 
 @contextmanager

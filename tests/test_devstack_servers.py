@@ -6,7 +6,12 @@ says to run scripts/setup, and the test fails with it.
 
 from __future__ import annotations
 
+import os
 import secrets
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,3 +153,49 @@ def test_azurite_missing_install_says_what_to_do(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(azurite_module, "BIN_DIR", tmp_path / "node_modules" / ".bin")
     with pytest.raises(AzuriteNotFoundError, match="run scripts/setup"):
         Azurite(tmp_path).start()
+
+
+KEEPS_A_SERVER = """
+import sys, time
+from pathlib import Path
+from devstack.postgres import PostgresServer
+from devstack.stack import stop_on_sigterm
+if sys.argv[2] == "handled":
+    stop_on_sigterm()
+with PostgresServer(Path(sys.argv[1])) as pg:
+    print(pg.data_dir, flush=True)
+    time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return b"postgres" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("handled", [True, False], ids=["stop_on_sigterm", "default SIGTERM"])
+def test_a_terminated_tool_stops_the_servers_it_started(tmp_path: Path, handled: bool) -> None:
+    """scripts/chaos, bench and demo install stop_on_sigterm: a `kill` of them runs their
+    clean-up, so no PostgreSQL is left behind. Without it (the control) one is."""
+    mode = "handled" if handled else "default"
+    tool = subprocess.Popen(
+        [sys.executable, "-c", KEEPS_A_SERVER, str(tmp_path), mode], stdout=subprocess.PIPE, text=True
+    )
+    assert tool.stdout is not None
+    data_dir = Path(tool.stdout.readline().strip())
+    pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    assert _alive(pid)
+    tool.send_signal(signal.SIGTERM)
+    code = tool.wait(timeout=60)
+    deadline = time.monotonic() + 15
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left_behind = _alive(pid)
+    if left_behind:
+        os.kill(pid, signal.SIGKILL)
+    if handled:
+        assert (code, left_behind) == (128 + signal.SIGTERM, False)
+    else:
+        assert (code, left_behind) == (-signal.SIGTERM, True)
