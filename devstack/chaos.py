@@ -620,16 +620,17 @@ class Managed:
 
 
 class Consumer(threading.Thread):
-    """An app that reads the newest version from Key Vault itself, and logs in with it, in a loop."""
-
-    def __init__(
-        self, secret: Managed, client: SecretClient | None, tally: Tally, stop: threading.Event
-    ) -> None:
-        super().__init__(name=f"consumer-{secret.name}", daemon=True)
-        self.secret, self.client, self.tally, self.stop = secret, client, tally, stop
-        self.failures: list[str] = []
+    """An app that reads the secret and logs in with it, in a loop. A refused login is a failure
+    only if what it read is still what it holds (else its read was just stale)."""
 
     pause = 0.1
+    checks = "consumer_checks"  # the tally of its good logins
+    failure_tallies: tuple[str, ...] = ("consumer_failures",)
+
+    def __init__(self, secret: Managed, tally: Tally, stop: threading.Event, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.secret, self.tally, self.stop = secret, tally, stop
+        self.failures: list[str] = []
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -639,8 +640,41 @@ class Consumer(threading.Thread):
             self.stop.wait(self.pause)
 
     def _read(self) -> tuple[str, str] | None:
-        if self.client is None:
-            return None
+        """(version, value) it holds now, or None if it could not read."""
+        raise NotImplementedError
+
+    def _refused(self, version: str, slot: str) -> str:
+        raise NotImplementedError
+
+    def _check(self, version: str, value: str) -> None:
+        result = self.secret.kind.authenticate(value)
+        if result == Auth.OK:
+            self.tally.add(self.checks)
+            return
+        if result == Auth.DOWN:
+            self.tally.add("outages")
+            return
+        for _ in range(20):
+            again = self._read()
+            if again is not None:
+                break
+            time.sleep(0.1)
+        if again is not None and again[0] != version:
+            self.tally.add("stale_reads")
+            return
+        for tally in self.failure_tallies:
+            self.tally.add(tally)
+        self.failures.append(self._refused(version, self.secret.kind.slot_of(value)))
+
+
+class VaultConsumer(Consumer):
+    """An app that reads the newest version from Key Vault itself."""
+
+    def __init__(self, secret: Managed, client: SecretClient, tally: Tally, stop: threading.Event) -> None:
+        super().__init__(secret, tally, stop, name=f"consumer-{secret.name}")
+        self.client = client
+
+    def _read(self) -> tuple[str, str] | None:
         try:
             secret = self.client.get_secret(self.secret.name)
         except (ServiceRequestError, ServiceResponseError):
@@ -655,26 +689,8 @@ class Consumer(threading.Thread):
             return None
         return secret.properties.version or "", secret.value or ""
 
-    def _check(self, version: str, value: str) -> None:
-        result = self.secret.kind.authenticate(value)
-        if result == Auth.OK:
-            self.tally.add("consumer_checks")
-            return
-        if result == Auth.DOWN:
-            self.tally.add("outages")
-            return
-        # Refused: a failure only if this is still the newest version (else our read was just stale).
-        for _ in range(20):
-            again = self._read()
-            if again is not None:
-                break
-            time.sleep(0.1)
-        if again is not None and again[0] != version:
-            self.tally.add("stale_reads")
-            return
-        self.tally.add("consumer_failures")
-        slot = self.secret.kind.slot_of(value)
-        self.failures.append(f"{self.secret.name}: newest version {version} (slot {slot}) refused upstream")
+    def _refused(self, version: str, slot: str) -> str:
+        return f"{self.secret.name}: newest version {version} (slot {slot}) refused upstream"
 
 
 class AppConsumer(Consumer):
@@ -683,12 +699,13 @@ class AppConsumer(Consumer):
 
     SETTING = "SECRET"
     pause = 0.3  # an app's requests are not what this run measures: it asks often enough
+    checks = "app_checks"
+    failure_tallies = ("consumer_failures", "app_failures")
 
     def __init__(
         self, secret: Managed, site: str, apps: ConsumerApps, tally: Tally, stop: threading.Event
     ) -> None:
-        super().__init__(secret, None, tally, stop)
-        self.name = f"consumer-app-{secret.name}"
+        super().__init__(secret, tally, stop, name=f"consumer-app-{secret.name}")
         self.site, self.apps = site, apps
 
     def _read(self) -> tuple[str, str] | None:
@@ -696,24 +713,8 @@ class AppConsumer(Consumer):
         version = self.apps.version_of(self.site, self.SETTING)
         return (version, value) if value else None
 
-    def _check(self, version: str, value: str) -> None:
-        result = self.secret.kind.authenticate(value)
-        if result == Auth.OK:
-            self.tally.add("app_checks")
-            return
-        if result == Auth.DOWN:
-            self.tally.add("outages")
-            return
-        again = self._read()
-        if again is not None and again[0] != version:
-            self.tally.add("stale_reads")  # the app moved between our read and the login
-            return
-        self.tally.add("consumer_failures")
-        self.tally.add("app_failures")
-        slot = self.secret.kind.slot_of(value)
-        self.failures.append(
-            f"{self.site.rsplit('/', 1)[-1]}: holds version {version} (slot {slot}), refused"
-        )
+    def _refused(self, version: str, slot: str) -> str:
+        return f"{self.site.rsplit('/', 1)[-1]}: holds version {version} (slot {slot}), refused"
 
 
 class ConsumerStepsOff(Consumers):
@@ -814,7 +815,7 @@ class ChaosRun:
             kind.provision(name, index, self.clock.now() + timedelta(days=20))
             self.secrets.append(Managed(name, kind))
         for secret in self.secrets:
-            consumer = Consumer(secret, self.stack.secret_client(), self.tally, self.stop_consumers)
+            consumer = VaultConsumer(secret, self.stack.secret_client(), self.tally, self.stop_consumers)
             consumer.start()
             self.consumers.append(consumer)
             self.consumers.append(self._app_reading(secret))
