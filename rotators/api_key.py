@@ -491,10 +491,7 @@ class ApiKeyRotator:
             return ""
         self.validate(context)
         with self._vendor(context) as vendor:
-            answer = vendor.admin(contract.list)
-        if answer.refusal:
-            raise UpstreamError(f"listing keys: {answer.refusal}")
-        items = _dig(answer.body, contract.fields["list"])
+            items = self._listed(vendor)
         now = datetime.now(UTC)
         quiet = context.settings.drain_quiet
         for item in items if isinstance(items, list) else []:
@@ -534,13 +531,18 @@ class ApiKeyRotator:
         if answer.refusal:
             raise VerificationFailed(f"the new key does not authenticate: {answer.refusal}")
 
+    @staticmethod
+    def _listed(vendor: _Vendor) -> Any:
+        """The vendor's list of keys, where rotation-api-fields says it is (not checked to be one)."""
+        answer = vendor.admin(vendor.contract.list)
+        if answer.refusal:
+            raise UpstreamError(f"listing keys: {answer.refusal}")
+        return _dig(answer.body, vendor.contract.fields["list"])
+
     def _keys(self, vendor: _Vendor) -> list[tuple[str, str]]:
         """(id, name) of every key the vendor lists."""
         contract = vendor.contract
-        answer = vendor.admin(contract.list)
-        if answer.refusal:
-            raise UpstreamError(f"listing keys: {answer.refusal}")
-        items = _dig(answer.body, contract.fields["list"])
+        items = self._listed(vendor)
         if not isinstance(items, list):
             raise UpstreamError(f"{vendor.where}: the key list is not where rotation-api-fields says")
         keys = []
