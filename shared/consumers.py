@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from itertools import islice
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,6 +37,7 @@ from azure.core.rest import HttpRequest
 
 from shared.durations import format_duration
 from shared.errors import ConfigError, UpstreamError
+from shared.jsonsafe import at_most
 from shared.settings import Settings
 
 logger = logging.getLogger("shared.consumers")
@@ -459,8 +459,8 @@ def _shown(text: object, limit: int = 80) -> str:
 
 def _bounded(items: Iterable[Any], ref: ConsumerRef, what: str) -> list[Any]:
     """At most MAX_LISTED items of an ARM listing: an answer that pages on past that is refused."""
-    listed = list(islice(items, MAX_LISTED + 1))
-    if len(listed) > MAX_LISTED:
+    listed = at_most(items, MAX_LISTED)
+    if listed is None:
         raise UpstreamError(f"consumer {ref} lists more than {MAX_LISTED} {what}: not followed further")
     return listed
 

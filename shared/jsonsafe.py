@@ -1,4 +1,4 @@
-"""Strict readers for input from outside: bounded JSON and plain decimal integers.
+"""Strict readers for input from outside: bounded JSON, plain decimal integers, bounded listings.
 
 Python's own readers are generous in ways an attacker can use: `json.loads` keeps the last
 of two duplicate keys (`"dry_run": true, "dry_run": false`), accepts NaN and Infinity,
@@ -13,10 +13,12 @@ import json
 import math
 import re
 from collections.abc import Iterable
-from typing import Any
+from itertools import islice
+from typing import Any, TypeVar
 
 from shared.errors import InvalidInput
 
+T = TypeVar("T")
 MAX_NUMBER_CHARS = 40
 MAX_INT_CHARS = 32
 # A JSON string, escapes included; the alternatives cannot overlap, so matching is linear.
@@ -133,3 +135,10 @@ def parse_int(text: str, *, low: int, high: int, what: str = "value") -> int:
     if not low <= value <= high:
         raise InvalidInput(f"{what} must be between {low} and {high}")
     return value
+
+
+def at_most(items: Iterable[T], limit: int) -> list[T] | None:
+    """The items of an upstream listing, or None when it has more than `limit`: a pager that
+    links on forever is read no further than one item past the bound."""
+    listed = list(islice(items, limit + 1))
+    return listed if len(listed) <= limit else None

@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
-from itertools import islice
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from shared.jsonsafe import at_most
 from shared.settings import POSTURE_ROWS, Settings
 
 if TYPE_CHECKING:
@@ -148,8 +148,8 @@ def _describe(error: BaseException) -> str:
 def _bounded(items: Iterable[T], what: str) -> list[T]:
     """A listing read to MAX_LISTED items (Azure allows 4,000 role assignments a subscription):
     one that pages on past that leaves its rows unknown instead of reading forever."""
-    listed = list(islice(items, MAX_LISTED + 1))
-    if len(listed) > MAX_LISTED:
+    listed = at_most(items, MAX_LISTED)
+    if listed is None:
         raise _Unreadable(f"{what}: more than {MAX_LISTED} listed; not read further")
     return listed
 
