@@ -138,16 +138,10 @@ class _Progress:
             tuple(raw.get("tokens", ())),
         )
 
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "request_id": self.request_id,
-            "order": self.order,
-            "txt": list(self.txt),
-            "tokens": list(self.tokens),
-        }
-
     def store(self, state: SecretState) -> None:
-        state.pending_credential = json.dumps(self.as_json(), sort_keys=True)
+        fields: dict[str, Any] = {"request_id": self.request_id, "order": self.order}
+        fields |= {"txt": list(self.txt), "tokens": list(self.tokens)}
+        state.pending_credential = json.dumps(fields, sort_keys=True)
 
 
 class CertificateRenewal:
@@ -635,9 +629,9 @@ class CertificateRenewal:
             reason += f" (cleanup incomplete: {describe_error(error)})"
         now = self.rt.clock()
         state.state, state.step, state.lease_until = FAILED, "", None
-        state.pending_credential = (
-            json.dumps({"txt": list(progress.txt), "tokens": list(progress.tokens)}) if progress.txt else ""
-        )
+        state.pending_credential = ""
+        if progress.txt:  # the TXT records cleanup could not remove stay named on the row
+            _Progress(txt=progress.txt, tokens=progress.tokens).store(state)
         state.last_outcome, state.last_error = ROTATION_FAILED, reason[:500]
         self.rt.save_quietly(state)
         self.rt.write_history(state, outcome=ROTATION_FAILED, ended_on=now, error=reason)
