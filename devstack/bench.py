@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import ssl
 import statistics
 import subprocess
@@ -38,6 +37,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from devstack.sigterm import stop_on_sigterm
 
 if TYPE_CHECKING:
     from devstack.stack import LocalStack
@@ -423,8 +424,7 @@ def status_at_scale(stack: "LocalStack", count: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # As devstack.stack.stop_on_sigterm, which this module imports only after its cold start.
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="scaled down: under a minute")
     parser.add_argument("--concurrency", type=int, default=8, help="ROTATION_SWEEP_CONCURRENCY for the fleet")

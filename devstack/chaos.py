@@ -96,13 +96,13 @@ from azure.keyvault.secrets import SecretClient
 from devstack.arm_consumers import ConsumerApps
 from devstack.keyvault.server import Fault
 from devstack.postgres import session_user
+from devstack.sigterm import stop_on_sigterm
 from devstack.stack import (
     LocalStack,
     app_environment,
     provision_entra_secret,
     provision_postgres_secret,
     provision_storage_key_secret,
-    stop_on_sigterm,
 )
 from rotators.base import TAG_ADMIN_FOR
 from shared import service

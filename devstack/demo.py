@@ -22,7 +22,8 @@ import psycopg
 
 from devstack.postgres import session_user
 from devstack.runner import LocalFunctionHost
-from devstack.stack import LocalStack, provision_postgres_secret, stop_on_sigterm
+from devstack.sigterm import stop_on_sigterm
+from devstack.stack import LocalStack, provision_postgres_secret
 from shared import service
 from shared.durations import parse_duration
 from shared.engine import STEPS

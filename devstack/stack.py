@@ -11,7 +11,6 @@ tagged for rotation.
 import json
 import os
 import secrets
-import signal
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -173,16 +172,6 @@ class ManagedPostgresSecret:
     group: str
     slots: tuple[str, str]
     first_version: KeyVaultSecret
-
-
-def stop_on_sigterm() -> None:
-    """SIGTERM (a `kill`, a CI timeout) ends the process as Ctrl-C would: the `finally` and
-    `with` blocks run, so the stack's PostgreSQL and Azurite stop with it."""
-
-    def terminate(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminate)
 
 
 @contextmanager

@@ -159,7 +159,7 @@ KEEPS_A_SERVER = """
 import sys, time
 from pathlib import Path
 from devstack.postgres import PostgresServer
-from devstack.stack import stop_on_sigterm
+from devstack.sigterm import stop_on_sigterm
 if sys.argv[2] == "handled":
     stop_on_sigterm()
 with PostgresServer(Path(sys.argv[1])) as pg:
